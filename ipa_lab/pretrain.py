@@ -189,6 +189,46 @@ def scheduler_config() -> dict:
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+# ----------------------------------------------------------------------------- assembly
+def split_clip(clip):
+    """CLIP's text tower -> the pipeline's text encoder; vision tower + projection -> image encoder."""
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    image_encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
+    image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return text_encoder.eval(), image_encoder.eval()
+
+
+def assemble_pipeline(vae, text_encoder, image_encoder, unet, tokenizer, feature_extractor):
+    """A standard `StableDiffusionPipeline` with the IP-Adapter image encoder as a component."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(scheduler_config()), safety_checker=None,
+                                   feature_extractor=feature_extractor, image_encoder=image_encoder,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_toy_pipeline(seed: int = 0):
+    """The toy architecture with untrained (seeded random) weights: for tests, in a blink."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel
+
+    quiet()
+    tok = build_tokenizer(caption_words())
+    cfg = toy_configs(len(tok))
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(text_config=cfg["text"], vision_config=cfg["vision"], projection_dim=32))
+    text_encoder, image_encoder = split_clip(clip)
+    return assemble_pipeline(AutoencoderKL(**cfg["vae"]).eval(), text_encoder, image_encoder,
+                             UNet2DConditionModel(**cfg["unet"]).eval(), tok, image_processor())
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ipa_lab.pretrain", description=__doc__.splitlines()[0])
@@ -216,8 +256,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     quiet()  # before the imports below, which otherwise warn about torchvision
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
 
     args = parse_args(argv)
     if args.threads:
@@ -248,11 +288,7 @@ def main(argv=None) -> None:
         proc.save_pretrained(clip_out)
     else:
         clip = CLIPModel.from_pretrained(clip_out)
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict())
-    image_encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
-    image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
-    image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    text_encoder, image_encoder = split_clip(clip)
 
     if "unet" in stages:
         with torch.no_grad():
@@ -266,11 +302,7 @@ def main(argv=None) -> None:
     else:
         unet = UNet2DConditionModel.from_pretrained(out / "unet")
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(scheduler_config()), safety_checker=None,
-                                   feature_extractor=proc, image_encoder=image_encoder,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out)
+    assemble_pipeline(vae, text_encoder, image_encoder, unet, tok, proc).save_pretrained(out)
     print(f"saved the toy pipeline to {out} and the scoring CLIP to {clip_out} "
           f"after {time.time() - t0:.0f} s on {torch.get_num_threads()} threads")
 

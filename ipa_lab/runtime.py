@@ -40,9 +40,9 @@ def quiet() -> None:
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()  # "Loading weights" bars: noise on stderr, and they differ run to run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the course never downloads anything
-    if os.environ.get("CI") or os.environ.get("TQDM_DISABLE"):
-        os.environ["TQDM_DISABLE"] = "1"
-        dlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    if os.environ.get("CI"):
+        os.environ["TQDM_DISABLE"] = "1"  # our own training bars read this
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

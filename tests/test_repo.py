@@ -1,0 +1,60 @@
+"""The repository keeps its promises: one dependency list, and the README's commands are CI's."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject_deps() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def _environment_pip_deps() -> list[str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip() == "- pip:")
+    deps = []
+    for line in lines[start + 1 :]:
+        m = re.match(r"^\s+- (.+)$", line)
+        if not m:
+            break
+        deps.append(m.group(1).strip())
+    return [d for d in deps if d != "-e ."]
+
+
+def test_environment_yml_and_pyproject_list_the_same_pinned_packages():
+    assert sorted(_environment_pip_deps()) == sorted(_pyproject_deps())
+    assert "python=3.11" in (ROOT / "environment.yml").read_text()
+    # torch is pinned to the release that has a CPU build: an open range pulls CUDA wheels.
+    assert "torch==2.13.0" in _pyproject_deps()
+    for dep in _pyproject_deps():
+        assert "==" in dep, f"{dep} is not pinned; nbval's stored outputs need exact versions"
+
+
+def _readme_commands() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+    cmds = [b.strip() for b in blocks if "python3.11 -m venv .venv" in b]
+    return {"start": next(c for c in cmds if "jupyter lab" in c), "test": next(c for c in cmds if "pytest" in c)}
+
+
+def test_readme_has_a_start_command_and_a_test_command():
+    cmds = _readme_commands()
+    assert "pip install" in cmds["start"] and "notebooks" in cmds["start"]
+    assert "--nbval" in cmds["test"] and "--nbval-lax" not in cmds["test"]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert _readme_commands()["test"] in ci
+    assert 'if [ "$rc" -eq 5 ]' in ci  # "no tests collected" must fail CI
+
+
+def test_no_generated_junk_is_tracked():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    junk = [f for f in files if f.startswith((".venv/", "runs/")) or "__pycache__" in f or f.endswith((".pyc", ".ckpt"))]
+    assert junk == []
