@@ -1,0 +1,250 @@
+"""Put IP-Adapter into a UNet, freeze the rest, and count what trains.
+
+`install_ip_adapter` walks `unet.attn_processors` (one entry per Attention layer, named like
+`down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor`): self-attention layers
+(`attn1`) get a weightless `AttnProcessor`, cross-attention layers (`attn2`) get an
+`IPAttnProcessor` whose `to_k_ip`/`to_v_ip` start as copies of that layer's `to_k`/`to_v`.
+The returned `nn.ModuleList` is the original's `adapter_modules`: what the optimizer trains
+and what the checkpoint stores, next to the image projection.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import AttnProcessor, IPAttnProcessor
+
+_SUFFIX = ".processor"
+
+
+def _config_value(config, key: str):
+    """Read `key` from a dict-like config (diffusers' FrozenDict, a plain dict) or an object."""
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def hidden_size_of(name: str, unet_config) -> int:
+    """The width of the attention layer called `name`, read from the UNet's block widths.
+
+    The down path uses `block_out_channels` in order, the up path in reverse (it mirrors the
+    down path) and the mid block runs at the deepest width. For SD 1.5 (320, 640, 1280, 1280):
+    `down_blocks.1...` -> 640, `up_blocks.1...` -> 1280, `mid_block...` -> 1280.
+    """
+    widths = list(_config_value(unet_config, "block_out_channels") or [])
+    if not widths:
+        raise ValueError("the UNet config has no block_out_channels; is this a UNet2DConditionModel config?")
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        return widths[-1]
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1 and parts[1].isdigit():
+        index = int(parts[1])
+        ordered = widths if parts[0] == "down_blocks" else widths[::-1]
+        if index >= len(ordered):
+            raise ValueError(f"{name!r} names block {index}, but the UNet has {len(ordered)} {parts[0]}")
+        return ordered[index]
+    raise ValueError(
+        f"cannot tell the width of attention layer {name!r}: expected a name starting with "
+        "'down_blocks.<i>', 'up_blocks.<i>' or 'mid_block'"
+    )
+
+
+def block_of(name: str) -> str:
+    """The UNet block an attention layer belongs to: 'down_blocks.0', 'mid_block', 'up_blocks.3'."""
+    parts = name.split(".")
+    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+
+
+def _is_ip_processor(processor) -> bool:
+    """Ours, or diffusers' IPAdapterAttnProcessor* (what `pipe.load_ip_adapter` installs)."""
+    return isinstance(processor, IPAttnProcessor) or "IPAdapter" in type(processor).__name__
+
+
+def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0) -> nn.ModuleList:
+    """Replace every attention processor of `unet`; return them all as `adapter_modules`.
+
+    Self-attention (`attn1`) -> `AttnProcessor()` (no weights). Cross-attention (`attn2`) ->
+    `IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens)` with to_k_ip/to_v_ip
+    initialised as copies of the layer's to_k/to_v, so the image branch works from step 0.
+    The layer's own weights are not touched. Works on the meta device (no memory used).
+
+    The returned ModuleList follows `unet.attn_processors` order (down blocks, up blocks, mid
+    block last): index i holds the i-th processor, so cross-attention weights sit at the odd
+    indices of the checkpoint (`1.to_k_ip.weight`, `3.to_k_ip.weight`, ...).
+    """
+    processors = unet.attn_processors
+    already = [n for n, p in processors.items() if _is_ip_processor(p)]
+    if already:
+        raise RuntimeError(
+            f"this UNet already has IP-Adapter processors ({len(already)} of them, e.g. {already[0]!r}); "
+            "installing again would stack a second adapter on the first. Start from a fresh UNet, or "
+            "restore plain attention first with unet.set_attn_processor(AttnProcessor())."
+        )
+    cross_attention_dim = _config_value(getattr(unet, "config", {}), "cross_attention_dim")
+    cross_names = [n for n in processors if n.endswith("attn2" + _SUFFIX)]
+    if cross_attention_dim is None or not cross_names:
+        raise ValueError(
+            f"{type(unet).__name__} has no cross-attention layers (no 'attn2' processors among its "
+            f"{len(processors)} attention processors, cross_attention_dim={cross_attention_dim}): "
+            "IP-Adapter needs a text-conditioned UNet with cross-attention blocks (e.g. CrossAttnDownBlock2D)."
+        )
+    if not isinstance(cross_attention_dim, int):
+        raise ValueError(f"expected one integer cross_attention_dim, got {cross_attention_dim!r}")
+
+    layers = dict(unet.named_modules())
+    new_processors = {}
+    for name in processors:
+        layer = layers[name[: -len(_SUFFIX)]]
+        if not (name.endswith("attn2" + _SUFFIX) and getattr(layer, "is_cross_attention", True)):
+            new_processors[name] = AttnProcessor()
+            continue
+        hidden_size = hidden_size_of(name, unet.config)
+        to_k, to_v = layer.to_k.weight, layer.to_v.weight
+        if tuple(to_k.shape) != (hidden_size, cross_attention_dim):
+            raise ValueError(
+                f"{name}: to_k has shape {tuple(to_k.shape)}, expected (hidden_size={hidden_size}, "
+                f"cross_attention_dim={cross_attention_dim}) from the UNet config"
+            )
+        # Build without initialising (meta), then allocate where the layer lives: the random
+        # init would be thrown away by the copy anyway, and on a real SDXL it costs seconds.
+        processor = IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens,
+                                    device="meta", dtype=to_k.dtype).to_empty(device=to_k.device)
+        with torch.no_grad():
+            processor.to_k_ip.weight.copy_(to_k)  # copies, not shared tensors: to_k stays frozen
+            processor.to_v_ip.weight.copy_(to_v)
+        new_processors[name] = processor
+    for name, processor in new_processors.items():
+        processor.layer_name = name[: -len(_SUFFIX)]  # lets parameter_table group by block
+    unet.set_attn_processor(new_processors)
+    return nn.ModuleList(unet.attn_processors.values())
+
+
+def freeze(*modules: nn.Module) -> None:
+    """Freeze whole models: no gradients (`requires_grad_(False)`) and eval mode (no dropout).
+
+    Call it on the backbone (UNet, VAE, text encoder, image encoder) *before*
+    `install_ip_adapter`, as the original does: processors installed afterwards are new,
+    trainable modules. Freezing the UNet after installing would freeze them too.
+    """
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (each shared tensor once); only those with requires_grad if asked."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable-parameter table (notebook 3)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamRow:
+    """One line of `parameter_table`.
+
+    kind: 'part' for a component or block, 'subtotal' for the adapter sum, 'total' for the
+    last line; plot the 'part' rows, they add up to the total.
+    """
+
+    component: str  # 'image projection', 'adapter', 'backbone' or 'total'
+    block: str  # UNet block, model name or class name
+    width: int | None  # hidden size of the adapter layers in that block
+    layers: int | None  # number of processors counted in the row
+    count: int  # parameters
+    trainable: int  # of which requires_grad
+    kind: str = "part"
+
+
+def _count(params) -> tuple[int, int]:
+    params = list(params)
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _block_sort_key(block: str):
+    kind, _, index = block.partition(".")
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(kind, 3)
+    return order, int(index) if index.isdigit() else 0, block
+
+
+def parameter_table(image_proj_model: nn.Module, adapter_modules, backbone: Mapping[str, nn.Module]
+                    ) -> list[ParamRow]:
+    """Where the parameters are, and which train: the image projection, the adapter by UNet
+    block, each backbone model, and the total.
+
+    Backbone counts leave out the adapter's weights, which live inside the UNet once
+    installed, so the UNet row shows the original model's size. Processors without weights
+    (self-attention) get a row of their own: they are in `adapter_modules`, and hold 0.
+    """
+    adapter_modules = list(adapter_modules)
+    adapter_params = {id(p) for m in adapter_modules for p in m.parameters()}
+    projection_params = {id(p) for p in image_proj_model.parameters()}
+
+    # Processor -> layer name, from any backbone model that has attention processors (the UNet).
+    names = {}
+    for model in backbone.values():
+        for name, processor in (getattr(model, "attn_processors", None) or {}).items():
+            names.setdefault(id(processor), name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else name)
+
+    rows = [ParamRow("image projection", type(image_proj_model).__name__, None, None,
+                     *_count(image_proj_model.parameters()))]
+
+    groups: dict[str, list[nn.Module]] = {}
+    empty = []
+    for processor in adapter_modules:
+        if not any(True for _ in processor.parameters()):
+            empty.append(processor)
+            continue
+        name = names.get(id(processor)) or getattr(processor, "layer_name", None) or "unknown"
+        groups.setdefault(block_of(name) if name != "unknown" else name, []).append(processor)
+    for block in sorted(groups, key=_block_sort_key):
+        members = groups[block]
+        widths = sorted({getattr(m, "hidden_size", None) for m in members} - {None})
+        rows.append(ParamRow("adapter", block, widths[0] if len(widths) == 1 else None, len(members),
+                             *_count(p for m in members for p in m.parameters())))
+    if empty:
+        rows.append(ParamRow("adapter", "no weights (self-attn)", None, len(empty), 0, 0))
+    with_weights = [m for ms in groups.values() for m in ms]
+    rows.append(ParamRow("adapter", "all blocks", None, len(with_weights),
+                         *_count(p for m in with_weights for p in m.parameters()), kind="subtotal"))
+
+    seen = adapter_params | projection_params
+    for model_name, model in backbone.items():
+        own = [p for p in model.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in own}
+        rows.append(ParamRow("backbone", model_name, None, None, *_count(own)))
+
+    parts = [r for r in rows if r.kind == "part"]
+    rows.append(ParamRow("total", "", None, None, sum(r.count for r in parts),
+                         sum(r.trainable for r in parts), kind="total"))
+    return rows
+
+
+def format_table(rows: list[ParamRow]) -> str:
+    """An aligned plain-text table of `parameter_table` rows, numbers with thousands separators."""
+    header = ("component", "block", "width", "layers", "parameters", "trainable")
+
+    def cell(value, separators: bool = True) -> str:
+        return "-" if value is None else f"{value:,}" if separators else str(value)
+
+    body = [(r.component, r.block, cell(r.width, False), cell(r.layers), cell(r.count), cell(r.trainable))
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    left = {0, 1}  # text columns left-aligned, numbers right-aligned
+
+    def fmt(line) -> str:
+        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(line, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [fmt(header), rule]
+    for row, line in zip(rows, body):
+        if row.kind != "part" and lines[-1] != rule:  # sums stand apart from the rows they add up
+            lines.append(rule)
+        lines.append(fmt(line))
+        if row.kind == "subtotal":
+            lines.append(rule)
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Exercise checkers: one per exercise, each prints a friendly verdict and never a traceback.
+
+In a notebook::
+
+    def hidden_size(name, block_out_channels):
+        ### BEGIN SOLUTION
+        ...
+        ### END SOLUTION
+
+    checks.hidden_size(hidden_size)
+
+prints ``PASS hidden_size: ...`` or ``FAIL hidden_size: <what is wrong>``, or, in a student copy
+whose solution is still the stub, ``TODO hidden_size: not yet implemented``. A checker returns
+True or False and never raises, so a notebook always runs to its end; later cells use the
+package's own implementation, not the learner's.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class CheckFailed(AssertionError):
+    """Raised inside a checker with a message for the learner."""
+
+
+def _checker(fn):
+    """Turn `fn(answer) -> str` (the pass message; raises CheckFailed) into a verdict printer."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> bool:
+        name = fn.__name__
+        try:
+            msg = fn(*args, **kwargs)
+        except NotImplementedError:
+            print(f"TODO {name}: not yet implemented (the notebook carries on with ipa_lab's version)")
+            return False
+        except CheckFailed as e:
+            print(f"FAIL {name}: {e}")
+            return False
+        except Exception as e:  # the learner's code crashed: say where, briefly
+            print(f"FAIL {name}: your code raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return False
+        print(f"PASS {name}: {msg}")
+        return True
+
+    return run
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def expect_shape(t, shape, what: str = "the output") -> None:
+    expect(isinstance(t, torch.Tensor), f"{what} should be a torch.Tensor, got {type(t).__name__}")
+    expect(tuple(t.shape) == tuple(shape), f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def expect_close(a: torch.Tensor, b: torch.Tensor, what: str = "the output", atol: float = 1e-5) -> None:
+    expect_shape(a, b.shape, what)
+    diff = (a.detach().float() - b.detach().float()).abs().max().item()
+    expect(diff <= atol, f"{what} differs from the expected values by up to {diff:.3g} (allowed {atol:g})")
+
+
+def expect_equal(got, want, what: str) -> None:
+    expect(got == want, f"{what} is {got!r}, expected {want!r}")
