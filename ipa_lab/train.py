@@ -39,7 +39,7 @@ from .adapter import freeze, install_ip_adapter
 from .checkpoint import save_ip_adapter
 from .data import IPAdapterDataset
 from .pipeline import resolve_model
-from .projection import ImageProjModel, Resampler
+from .configs import build_image_projection
 from .runtime import get_device, quiet, seed_everything
 
 # The original recipe's values (tutorial_train.py and the paper).
@@ -70,6 +70,8 @@ class TrainConfig:
     fast: bool = True  # cache the frozen encoders' outputs
     compile: bool = False  # torch.compile the UNet (helps on GPU)
     channels_last: bool = False
+    fused_adamw: bool = False  # one fused kernel for the optimizer step (CUDA)
+    resolution: int | None = None  # pixels; default: the VAE's sample_size
 
     def __post_init__(self):
         if self.variant not in ("base", "plus"):
@@ -109,12 +111,7 @@ class IPAdapter(nn.Module):
 
 def build_image_proj(variant: str, unet, image_encoder, num_tokens: int) -> nn.Module:
     """The image projection for a variant, sized from the UNet and image encoder configs."""
-    dim = unet.config.cross_attention_dim
-    if variant == "base":
-        return ImageProjModel(cross_attention_dim=dim, clip_embeddings_dim=image_encoder.config.projection_dim,
-                              clip_extra_context_tokens=num_tokens)
-    return Resampler(dim=dim, depth=4, dim_head=64, heads=max(1, dim // 64), num_queries=num_tokens,
-                     embedding_dim=image_encoder.config.hidden_size, output_dim=dim, ff_mult=4)
+    return build_image_projection(dict(unet.config), image_encoder.config.to_dict(), variant, num_tokens)
 
 
 @dataclass
@@ -355,8 +352,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.bb = backbone or load_backbone(cfg.model, self.device)
         bb = self.bb
-        self.dataset = IPAdapterDataset(data, "train", image_processor=bb.feature_extractor,
-                                        resolution=bb.vae.config.sample_size)
+        self.resolution = cfg.resolution or bb.vae.config.sample_size
+        self.dataset = IPAdapterDataset(data, "train", image_processor=bb.feature_extractor, resolution=self.resolution)
         if cfg.channels_last:
             bb.unet.to(memory_format=torch.channels_last)
         image_proj = build_image_proj(cfg.variant, bb.unet, bb.image_encoder, cfg.num_tokens).to(self.device)
@@ -365,8 +362,8 @@ class Trainer:
         # As the original: AdamW over the projection and adapter_modules. The self-attention
         # processors in adapter_modules have no parameters, so they add nothing.
         params = list(itertools.chain(image_proj.parameters(), adapter_modules.parameters()))
-        fused = self.device.type == "cuda" and cfg.fast
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+        fused = {"fused": True} if cfg.fused_adamw and self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.model, self.optimizer = self.accelerator.prepare(self.ip_adapter, self.optimizer)
         if cfg.compile:
             bb.unet.compile()
@@ -374,7 +371,7 @@ class Trainer:
         self.inputs = (CachedInputs(bb, self.dataset, cfg.variant, self.device) if cfg.fast
                        else ReferenceInputs(bb, self.dataset, cfg.variant))
         self.cache_seconds = time.perf_counter() - t0
-        s = bb.vae.config.sample_size // 2 ** (len(bb.vae.config.block_out_channels) - 1)
+        s = self.resolution // 2 ** (len(bb.vae.config.block_out_channels) - 1)
         self.latent_shape = (bb.unet.config.in_channels, s, s)
         self.output = Path(cfg.output)
         self.step = 0
@@ -497,6 +494,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--reference", action="store_true", help="run the frozen encoders every step (the original's way)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--fused-adamw", action="store_true")
     a = p.parse_args(argv)
     if a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")

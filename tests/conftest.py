@@ -84,3 +84,22 @@ def tiny_pipeline(tiny_sd_parts, toy_unet):
     return StableDiffusionPipeline(
         unet=toy_unet, safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False, **tiny_sd_parts)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory):
+    """The toy architecture (as data/toy-sd, image encoder included), untrained, saved as a
+    pipeline folder: what the training loop and the benchmark load."""
+    from ipa_lab.pretrain import random_toy_pipeline
+
+    path = tmp_path_factory.mktemp("toy-sd")
+    random_toy_pipeline(seed=0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A 40-image shapes data set in the original training format."""
+    from ipa_lab.data import make_shapes_dataset
+
+    return str(make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=8, seed=1))

@@ -7,22 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ipa_lab.data import make_shapes_dataset
-from ipa_lab.pretrain import random_toy_pipeline
 from ipa_lab.train import TrainConfig, Trainer, main, parse_args
-
-
-@pytest.fixture(scope="session")
-def toy_model(tmp_path_factory):
-    """The toy architecture, untrained, saved as a pipeline folder (as data/toy-sd is)."""
-    path = tmp_path_factory.mktemp("toy-sd")
-    random_toy_pipeline(seed=0).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory):
-    return str(make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=8, seed=1))
 
 
 def config(toy_model, toy_data, tmp_path, **kw) -> TrainConfig:

@@ -1,0 +1,206 @@
+"""Benchmark: the original training recipe against the fast path, in one run, on one machine.
+
+    python -m ipa_lab.bench                       # the toy pipeline on this machine's device
+    python -m ipa_lab.bench --size sd15           # SD 1.5-size models, random weights (GPU)
+    python -m ipa_lab.bench --sweep               # steps/s against batch size and resolution
+
+Rows are cumulative switches, so each row's gain is that switch's contribution:
+reference (the original: every frozen encoder runs every step, fp32) -> + cached encoders ->
++ bf16 autocast -> + fused AdamW -> + channels_last -> + torch.compile (the last four on CUDA).
+Each row runs in a fresh process so that its peak memory is its own. Steps per second are
+measured after warm-up steps; the last line printed is one JSON object for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .runtime import get_device, quiet
+
+# Cumulative switches: name, TrainConfig overrides, whether it needs CUDA.
+SWITCHES = [
+    ("reference (original recipe)", {"fast": False}, False),
+    ("+ cached frozen encoders", {"fast": True}, False),
+    ("+ bf16 autocast", {"precision": "bf16"}, True),
+    ("+ fused AdamW", {"fused_adamw": True}, True),
+    ("+ channels_last", {"channels_last": True}, True),
+    ("+ torch.compile", {"compile": True}, True),
+]
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor figures
+
+
+def sd15_backbone(device):
+    """SD 1.5-size frozen models with random weights: the real UNet, VAE and text-encoder
+    configs and a ViT-H/14 image encoder, so the cost per step is the real one."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from .configs import _settings, build_image_encoder, build_unet, load_config
+    from .pretrain import caption_words, scheduler_config
+    from .tokenizer import build_tokenizer
+    from .train import Backbone
+    from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = build_unet("sd15_unet", device="cpu")
+    vae = AutoencoderKL(**_settings(load_config("sd15_vae")))
+    text = CLIPTextModel(CLIPTextConfig(**_settings(load_config("clip_vit_l14_text"))))
+    image = build_image_encoder("clip_vit_h14_vision", device="cpu")
+    bb = Backbone(vae, text, image, unet, build_tokenizer(caption_words(), model_max_length=77),
+                  CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+                  DDPMScheduler.from_config(scheduler_config()))
+    for m in bb.frozen().values():
+        m.requires_grad_(False).eval().to(device)
+    return bb
+
+
+def run_one(args, overrides: dict) -> dict:
+    """Train `warmup + steps` steps with one configuration; return speed and peak memory."""
+    from .train import TrainConfig, Trainer
+
+    device = get_device(args.device)
+    cfg = TrainConfig(model=args.model, data=args.data, output=tempfile.mkdtemp(prefix="ipa-bench-"),
+                      steps=args.warmup + args.steps, batch_size=args.batch_size, device=str(device),
+                      checkpoint_every=10**9, resolution=args.resolution, **overrides)
+    backbone = sd15_backbone(device) if args.size == "sd15" else None
+    trainer = Trainer(cfg, backbone=backbone)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup):
+        trainer.train_step(step)
+    flops = None
+    if args.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            trainer.train_step(args.warmup)
+        flops = fc.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        trainer.train_step(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"steps_per_s": args.steps / dt, "peak_memory_bytes": peak, "cache_seconds": trainer.cache_seconds,
+            "flops_per_step": flops, "device": device.type, "resolution": trainer.resolution,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+
+
+def _child(args, overrides: dict) -> dict:
+    """Run one configuration in a fresh Python process and read back its JSON."""
+    cmd = [sys.executable, "-m", "ipa_lab.bench", "--_one", json.dumps(overrides)] + args.passthrough
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed for {overrides}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _passthrough(args) -> list[str]:
+    keep = ["model", "data", "size", "batch_size", "steps", "warmup", "device", "resolution"]
+    out = []
+    for k in keep:
+        v = getattr(args, k)
+        if v is not None:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out + (["--count-flops"] if args.count_flops else [])
+
+
+def compare(args) -> dict:
+    """The table of cumulative switches, and the summary JSON (reference vs the last row)."""
+    cuda = get_device(args.device).type == "cuda"
+    rows, overrides = [], {}
+    for name, switch, needs_cuda in SWITCHES:
+        if needs_cuda and not cuda:
+            continue
+        if switch.get("compile") and args.no_compile:
+            continue
+        overrides = {**overrides, **switch}
+        r = _child(args, overrides)
+        rows.append((name, r))
+        print(f"{name:<30} {r['steps_per_s']:8.2f} steps/s  {r['steps_per_s'] / rows[0][1]['steps_per_s']:5.2f}x  "
+              f"peak {r['peak_memory_bytes'] / 2**20:9.0f} MiB", flush=True)
+    ref, fast = rows[0][1], rows[-1][1]
+    summary = {"reference_steps_per_s": round(ref["steps_per_s"], 3), "fast_steps_per_s": round(fast["steps_per_s"], 3),
+               "speedup": round(fast["steps_per_s"] / ref["steps_per_s"], 2),
+               "peak_memory_ratio": round(fast["peak_memory_bytes"] / ref["peak_memory_bytes"], 3),
+               "batch_size": args.batch_size, "resolution": fast["resolution"], "device": fast["gpu"] or "cpu",
+               "model": "sd15-size (random weights)" if args.size == "sd15" else "toy-sd",
+               "fast_cache_seconds": round(fast["cache_seconds"], 1)}
+    if fast["flops_per_step"] and cuda:
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in (fast["gpu"] or "")), None)
+        if peak:
+            summary["mfu"] = round(fast["flops_per_step"] * fast["steps_per_s"] / (peak * 1e12), 3)
+    return summary
+
+
+def sweep(args) -> None:
+    """Fast-path steps/s against batch size, then against resolution (CPU toy)."""
+    base = {"fast": True}
+    print("batch size sweep (resolution default)")
+    for bs in args.sweep_batch_sizes:
+        a = argparse.Namespace(**{**vars(args), "batch_size": bs})
+        a.passthrough = _passthrough(a)
+        r = _child(a, base)
+        print(f"  batch {bs:4d}: {r['steps_per_s']:7.2f} steps/s = {r['steps_per_s'] * bs:8.1f} samples/s", flush=True)
+    print(f"resolution sweep (batch {args.batch_size})")
+    for res in args.sweep_resolutions:
+        a = argparse.Namespace(**{**vars(args), "resolution": res})
+        a.passthrough = _passthrough(a)
+        r = _child(a, base)
+        print(f"  {res:4d} px: {r['steps_per_s']:7.2f} steps/s", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ipa_lab.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="data/toy-sd")
+    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--size", choices=["toy", "sd15"], default="toy")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (toy), 8 (sd15)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (toy 32, sd15 512)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for MFU)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--sweep-resolutions", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.batch_size is None:
+        a.batch_size = 8 if a.size == "sd15" else 64
+    if a.size == "sd15" and a.resolution is None:
+        a.resolution = 512
+    if a.size == "sd15" and get_device(a.device).type == "cuda":
+        a.count_flops = True
+    a.passthrough = _passthrough(a)
+    return a
+
+
+def main(argv=None) -> None:
+    quiet()
+    args = parse_args(argv)
+    if args._one is not None:
+        print(json.dumps(run_one(args, json.loads(args._one))))
+        return
+    if args.sweep:
+        sweep(args)
+        return
+    print(f"benchmark: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per row")
+    print(json.dumps(compare(args)))
+
+
+if __name__ == "__main__":
+    main()
