@@ -51,6 +51,7 @@ class TrainConfig:
     """Everything a run depends on; saved next to the checkpoint so a run can be resumed."""
 
     model: str = "data/toy-sd"
+    image_encoder: str | None = None  # a CLIPVisionModelWithProjection folder, if not in the pipeline
     data: str = "data/shapes"
     output: str = "runs/ip-adapter"
     variant: str = "base"  # "base" (ImageProjModel) or "plus" (Resampler)
@@ -130,15 +131,19 @@ class Backbone:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "image_encoder": self.image_encoder}
 
 
-def load_backbone(model: str, device, dtype=torch.float32) -> Backbone:
-    """Load the pipeline's parts (offline) and freeze all four models."""
+def load_backbone(model: str, device, dtype=torch.float32, image_encoder: str | None = None) -> Backbone:
+    """Load the pipeline's parts (offline) and freeze all four models.
+
+    `image_encoder`: the real IP-Adapter keeps its CLIP image encoder apart from SD 1.5
+    (`models/image_encoder`); the toy pipeline ships one in `image_encoder/`."""
     from diffusers import DDPMScheduler
 
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype, image_encoder=image_encoder)
     if pipe.image_encoder is None:
-        raise FileNotFoundError(f"{model} has no image_encoder/; IP-Adapter needs a CLIPVisionModelWithProjection")
+        raise FileNotFoundError(f"{model} has no image_encoder/; pass --image-encoder with a "
+                                "CLIPVisionModelWithProjection folder (IP-Adapter's models/image_encoder)")
     bb = Backbone(pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.unet, pipe.tokenizer,
                   pipe.feature_extractor, DDPMScheduler.from_config(pipe.scheduler.config))
     freeze(*bb.frozen().values())
@@ -350,7 +355,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=mp if want.type == "cuda" else "no", cpu=want.type == "cpu")
         self.device = self.accelerator.device
         seed_everything(cfg.seed)
-        self.bb = backbone or load_backbone(cfg.model, self.device)
+        self.bb = backbone or load_backbone(cfg.model, self.device, image_encoder=cfg.image_encoder)
         bb = self.bb
         self.resolution = cfg.resolution or bb.vae.config.sample_size
         self.dataset = IPAdapterDataset(data, "train", image_processor=bb.feature_extractor, resolution=self.resolution)
@@ -473,6 +478,7 @@ def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m ipa_lab.train", description="Train an IP-Adapter on a frozen Stable Diffusion.")
     p.add_argument("--model", default=d.model, help="pipeline folder, or a hub id already in the local cache")
+    p.add_argument("--image-encoder", default=None, help="CLIPVisionModelWithProjection folder, if the pipeline has none")
     p.add_argument("--data", default=d.data, help="folder with train.json ({'image_file', 'text'} list) and images")
     p.add_argument("--output", default=d.output)
     p.add_argument("--variant", choices=["base", "plus"], default=d.variant)
