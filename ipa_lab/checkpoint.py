@@ -51,11 +51,17 @@ def checkpoint_state(image_proj_model: nn.Module, adapter_modules: nn.Module) ->
     return {"image_proj": _tensors(image_proj_model), "ip_adapter": _tensors(adapter_modules)}
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call write(temp_path) on a temp file next to `path`, flush it to disk, rename it over `path`."""
+def write_atomically(path: str | os.PathLike, write) -> None:
+    """Call write(temp_path) on a temp file next to `path`, flush it to disk, rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -87,9 +93,9 @@ def save_ip_adapter(path: str | os.PathLike, image_proj_model: nn.Module, adapte
         from safetensors.torch import save_file
 
         flat = {f"{part}.{key}": t for part in PARTS for key, t in state[part].items()}
-        _write_atomically(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
+        write_atomically(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
     else:
-        _write_atomically(path, lambda tmp: torch.save(state, tmp))
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
     return path
 
 

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as shapes
+from .checkpoint import write_atomically
 from .runtime import get_device, quiet, seed_everything
 from .tokenizer import build_tokenizer
 
@@ -71,10 +71,7 @@ def image_processor():
 # ----------------------------------------------------------------------------- checkpoints
 def _save_state(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_state(path: Path) -> dict | None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import freeze, install_ip_adapter
-from .checkpoint import save_ip_adapter
+from .checkpoint import save_ip_adapter, write_atomically
 from .data import IPAdapterDataset
 from .pipeline import resolve_model
 from .configs import build_image_projection
@@ -302,22 +302,14 @@ def _trainable_fingerprint(ip_adapter: IPAdapter) -> dict:
             **{f"ip_adapter.{k}": v for k, v in fingerprint(ip_adapter.adapter_modules).items()}}
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_log(path: Path, rows: list[tuple[int, float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss"])
-        w.writerows((s, repr(float(l))) for s, l in rows)  # repr: the exact float back on resume
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss"])
+            w.writerows((s, repr(float(l))) for s, l in rows)  # repr: the exact float back on resume
+
+    write_atomically(path, write)
 
 
 def read_log(output: str | os.PathLike) -> list[tuple[int, float]]:
@@ -410,7 +402,7 @@ class Trainer:
         state = {"step": self.step, "config": json.dumps(asdict(self.cfg)), "optimizer": self.optimizer.state_dict(),
                  "image_proj": self.ip_adapter.image_proj_model.state_dict(),
                  "ip_adapter": self.ip_adapter.adapter_modules.state_dict()}
-        _atomic_torch_save(state, self.output / "training_state.pt")
+        write_atomically(self.output / "training_state.pt", lambda tmp: torch.save(state, tmp))
         _write_log(self.output / "loss.csv", self.losses)
 
     def restore(self) -> None:

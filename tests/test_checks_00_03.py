@@ -1,0 +1,177 @@
+"""The exercise checkers of notebooks 00-03: each passes the solution, reports a stub as TODO and
+names what is wrong in a plausible wrong answer (without ever raising)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ipa_lab import checks
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError("your code here")
+
+
+def verdict(capsys, checker, answer) -> tuple[bool, str]:
+    result = checker(answer)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out  # one line, no traceback
+    return result, out
+
+
+def assert_pass(capsys, checker, answer):
+    ok, out = verdict(capsys, checker, answer)
+    assert ok is True and out.startswith(f"PASS {checker.__name__}:"), out
+
+
+def assert_todo(capsys, checker):
+    ok, out = verdict(capsys, checker, stub)
+    assert ok is False and out.startswith(f"TODO {checker.__name__}: not yet implemented"), out
+
+
+def assert_fail(capsys, checker, answer, *fragments):
+    ok, out = verdict(capsys, checker, answer)
+    assert ok is False and out.startswith(f"FAIL {checker.__name__}:"), out
+    for fragment in fragments:
+        assert fragment in out, out
+
+
+# --- notebook 00 ---------------------------------------------------------------------------
+def latent_shape_solution(height, width, vae_config):
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return (vae_config["latent_channels"], height // factor, width // factor)
+
+
+def test_latent_shape(capsys):
+    assert_pass(capsys, checks.latent_shape, latent_shape_solution)
+    assert_pass(capsys, checks.latent_shape,  # attribute access works too, as on pipe.vae.config
+                lambda h, w, c: (c.latent_channels, h // 2 ** (len(c.block_out_channels) - 1),
+                                 w // 2 ** (len(c.block_out_channels) - 1)))
+    assert_todo(capsys, checks.latent_shape)
+    assert_fail(capsys, checks.latent_shape, lambda h, w, c: (4, h // 8, w // 8), "2 ** (len(block_out_channels) - 1)")
+    assert_fail(capsys, checks.latent_shape, lambda h, w, c: latent_shape_solution(w, h, c), "swapped height and width")
+    assert_fail(capsys, checks.latent_shape,
+                lambda h, w, c: (len(c["block_out_channels"]),) + latent_shape_solution(h, w, c)[1:], "latent_channels")
+    assert_fail(capsys, checks.latent_shape, lambda h, w, c: None, "tuple of ints")
+
+
+def test_encoder_hidden_states_shape(capsys):
+    assert_pass(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t + i, d))
+    assert_pass(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: torch.Size([b, t + i, d]))
+    assert_todo(capsys, checks.encoder_hidden_states_shape)
+    assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t, d), "the text alone")
+    assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t, d + i), "along the sequence")
+    assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t + 4, d), "expected (3, 93, 768)")
+
+
+# --- notebook 01 ---------------------------------------------------------------------------
+def image_proj_forward_solution(image_embeds, proj, norm, num_tokens):
+    tokens = proj(image_embeds)
+    return norm(tokens.reshape(image_embeds.shape[0], num_tokens, -1))
+
+
+def test_image_proj_forward(capsys):
+    assert_pass(capsys, checks.image_proj_forward, image_proj_forward_solution)
+    assert_todo(capsys, checks.image_proj_forward)
+    assert_fail(capsys, checks.image_proj_forward, lambda x, proj, norm, n: proj(x), "one long vector")
+    assert_fail(capsys, checks.image_proj_forward,
+                lambda x, proj, norm, n: proj(x).reshape(x.shape[0], n, -1), "without the LayerNorm")
+    assert_fail(capsys, checks.image_proj_forward,
+                lambda x, proj, norm, n: norm(proj(x).reshape(x.shape[0], -1, n).transpose(1, 2)), "wrong order")
+    assert_fail(capsys, checks.image_proj_forward,  # a LayerNorm without the learned weight and bias
+                lambda x, proj, norm, n: F.layer_norm(proj(x).reshape(x.shape[0], n, -1), (norm.normalized_shape[0],)),
+                "differs from the expected values")
+    assert_fail(capsys, checks.image_proj_forward,
+                lambda x, proj, norm, n: image_proj_forward_solution(x, proj, norm, n).detach(), "no gradient")
+    assert_fail(capsys, checks.image_proj_forward,  # hard-coded 4 tokens
+                lambda x, proj, norm, n: norm(proj(x).reshape(x.shape[0], 4, -1)), "hard-code")
+
+
+def projection_parameters_solution(clip_embeddings_dim, cross_attention_dim, num_tokens):
+    out = num_tokens * cross_attention_dim
+    return clip_embeddings_dim * out + out + 2 * cross_attention_dim
+
+
+def test_projection_parameters(capsys):
+    assert projection_parameters_solution(1024, 768, 4) == 3_150_336
+    assert_pass(capsys, checks.projection_parameters, projection_parameters_solution)
+    assert_todo(capsys, checks.projection_parameters)
+    assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d + 2 * d, "proj's bias")
+    assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d + t * d, "LayerNorm's weight and bias")
+    assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d, "the bias of proj and the LayerNorm")
+    assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d + t * d + 2 * d * t, "shared by all")
+    assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * d + d + 2 * d, "expected 8,576")
+
+
+# --- notebook 02 ---------------------------------------------------------------------------
+def hidden_size_solution(name, block_out_channels):
+    if name.startswith("mid_block"):
+        return block_out_channels[-1]
+    index = int(name.split(".")[1])
+    if name.startswith("up_blocks"):
+        return list(reversed(block_out_channels))[index]
+    return block_out_channels[index]
+
+
+def test_hidden_size_of(capsys):
+    assert_pass(capsys, checks.hidden_size_of, hidden_size_solution)
+    assert_todo(capsys, checks.hidden_size_of)
+    assert_fail(capsys, checks.hidden_size_of,
+                lambda n, w: w[-1] if n.startswith("mid") else w[int(n.split(".")[1])], "index block_out_channels reversed")
+    assert_fail(capsys, checks.hidden_size_of,
+                lambda n, w: w[0] if n.startswith("mid") else hidden_size_solution(n, w), "deepest width")
+    assert_fail(capsys, checks.hidden_size_of, lambda n, w: str(hidden_size_solution(n, w)), "return an int")
+
+
+def decoupled_solution(q, k, v, k_ip, v_ip, scale):
+    return F.scaled_dot_product_attention(q, k, v) + scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
+
+
+def test_decoupled_attention(capsys):
+    assert_pass(capsys, checks.decoupled_attention, decoupled_solution)
+    assert_todo(capsys, checks.decoupled_attention)
+    assert_fail(capsys, checks.decoupled_attention,
+                lambda q, k, v, ki, vi, s: F.scaled_dot_product_attention(q, torch.cat([k, ki], -2), torch.cat([v, vi], -2)),
+                "one softmax over the concatenated")
+    assert_fail(capsys, checks.decoupled_attention,
+                lambda q, k, v, ki, vi, s: s * F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, ki, vi),
+                "multiplies the text branch")
+    assert_fail(capsys, checks.decoupled_attention, lambda q, k, v, ki, vi, s: decoupled_solution(q, k, v, ki, vi, 1.0),
+                "the scale is ignored")
+    assert_fail(capsys, checks.decoupled_attention,
+                lambda q, k, v, ki, vi, s: (torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+                                            + s * torch.softmax(q @ ki.transpose(-2, -1), -1) @ vi),
+                "1/sqrt(head_dim)")
+    assert_fail(capsys, checks.decoupled_attention, lambda q, k, v, ki, vi, s: decoupled_solution(q, k, v, ki, vi, s)[:, 0],
+                "has shape")
+
+
+# --- notebook 03 ---------------------------------------------------------------------------
+def test_params_to_opt(capsys):
+    assert_pass(capsys, checks.params_to_opt, lambda proj, adapter, unet: list(itertools.chain(proj.parameters(), adapter.parameters())))
+    assert_pass(capsys, checks.params_to_opt,  # filtering by requires_grad finds the same set
+                lambda proj, adapter, unet: [p for p in itertools.chain(proj.parameters(), unet.parameters()) if p.requires_grad])
+    assert_todo(capsys, checks.params_to_opt)
+    assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: list(proj.parameters()) + list(unet.parameters()),
+                "frozen tensors", "unet: ")
+    assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: list(adapter.parameters()), "misses the image projection")
+    assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: list(proj.parameters()), "to_k_ip")
+    assert_fail(capsys, checks.params_to_opt,
+                lambda proj, adapter, unet: list(proj.parameters()) + list(adapter.parameters()) + list(adapter.parameters()),
+                "appear twice")
+    assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: None, "returned None")
+    assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: adapter, "not a module")
+
+
+def test_adapter_parameters(capsys):
+    solution = lambda widths, dim: 2 * dim * sum(widths)  # noqa: E731
+    assert solution([320] * 5 + [640] * 5 + [1280] * 6, 768) == 19_169_280
+    assert_pass(capsys, checks.adapter_parameters, solution)
+    assert_todo(capsys, checks.adapter_parameters)
+    assert_fail(capsys, checks.adapter_parameters, lambda w, d: d * sum(w), "exactly half")
+    assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * d * sum(w) + 2 * sum(w), "no bias")
+    assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * sum(h * h for h in w), "hidden_size x cross_attention_dim")
+    assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * 768 * sum(w), "expected 90,112")
