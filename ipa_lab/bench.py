@@ -6,9 +6,11 @@
 
 Rows are cumulative switches, so each row's gain is that switch's contribution:
 reference (the original: every frozen encoder runs every step, fp32) -> + cached encoders ->
-+ bf16 autocast -> + fused AdamW -> + channels_last -> + torch.compile (the last four on CUDA).
-Each row runs in a fresh process so that its peak memory is its own. Steps per second are
-measured after warm-up steps; the last line printed is one JSON object for scripts.
++ bf16 autocast (CUDA, or a CPU with bf16 instructions) -> + fused AdamW (CUDA) ->
++ channels_last -> + torch.compile. Each row runs in a fresh process so that its peak memory
+is its own. Speed is the best of `--repeats` timed windows after the warm-up steps (the best
+window is the one least disturbed by anything else on the machine); the last line printed is
+one JSON object for scripts.
 """
 from __future__ import annotations
 
@@ -26,15 +28,24 @@ import torch
 
 from .runtime import get_device, quiet
 
-# Cumulative switches: name, TrainConfig overrides, whether it needs CUDA.
+# Cumulative switches: name, TrainConfig overrides, what the device needs for it.
 SWITCHES = [
-    ("reference (original recipe)", {"fast": False}, False),
-    ("+ cached frozen encoders", {"fast": True}, False),
-    ("+ bf16 autocast", {"precision": "bf16"}, True),
-    ("+ fused AdamW", {"fused_adamw": True}, True),
-    ("+ channels_last", {"channels_last": True}, True),
-    ("+ torch.compile", {"compile": True}, True),
+    ("reference (original recipe)", {"fast": False}, None),
+    ("+ cached frozen encoders", {"fast": True}, None),
+    ("+ bf16 autocast", {"precision": "bf16"}, "bf16"),
+    ("+ fused AdamW", {"fused_adamw": True}, "cuda"),
+    ("+ channels_last", {"channels_last": True}, None),
+    ("+ torch.compile", {"compile": True}, None),
 ]
+
+
+def supports(device: torch.device, need: str | None) -> bool:
+    """Whether this machine can run a switch (bf16 on a CPU needs its bf16 instructions)."""
+    if need is None:
+        return True
+    if need == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor figures
 
 
@@ -68,7 +79,7 @@ def run_one(args, overrides: dict) -> dict:
 
     device = get_device(args.device)
     cfg = TrainConfig(model=args.model, data=args.data, output=tempfile.mkdtemp(prefix="ipa-bench-"),
-                      steps=args.warmup + args.steps, batch_size=args.batch_size, device=str(device),
+                      steps=args.warmup + 1 + args.repeats * args.steps, batch_size=args.batch_size, device=str(device),
                       checkpoint_every=10**9, resolution=args.resolution, **overrides)
     backbone = sd15_backbone(device) if args.size == "sd15" else None
     trainer = Trainer(cfg, backbone=backbone)
@@ -83,14 +94,18 @@ def run_one(args, overrides: dict) -> dict:
         with FlopCounterMode(display=False) as fc:
             trainer.train_step(args.warmup)
         flops = fc.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        trainer.train_step(step)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    windows = []
+    step = args.warmup
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for step in range(step + 1, step + 1 + args.steps):
+            trainer.train_step(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        windows.append(time.perf_counter() - t0)
+    dt = min(windows)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"steps_per_s": args.steps / dt, "peak_memory_bytes": peak, "cache_seconds": trainer.cache_seconds,
@@ -108,7 +123,7 @@ def _child(args, overrides: dict) -> dict:
 
 
 def _passthrough(args) -> list[str]:
-    keep = ["model", "data", "size", "batch_size", "steps", "warmup", "device", "resolution"]
+    keep = ["model", "data", "size", "batch_size", "steps", "warmup", "repeats", "device", "resolution"]
     out = []
     for k in keep:
         v = getattr(args, k)
@@ -119,12 +134,11 @@ def _passthrough(args) -> list[str]:
 
 def compare(args) -> dict:
     """The table of cumulative switches, and the summary JSON (reference vs the last row)."""
-    cuda = get_device(args.device).type == "cuda"
+    device = get_device(args.device)
+    cuda = device.type == "cuda"
     rows, overrides = [], {}
-    for name, switch, needs_cuda in SWITCHES:
-        if needs_cuda and not cuda:
-            continue
-        if switch.get("compile") and args.no_compile:
+    for name, switch, need in SWITCHES:
+        if not supports(device, need) or (switch.get("compile") and args.no_compile):
             continue
         overrides = {**overrides, **switch}
         r = _child(args, overrides)
@@ -169,7 +183,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=["toy", "sd15"], default="toy")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 (toy), 8 (sd15)")
     p.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (toy 32, sd15 512)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows per configuration (the best counts)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for MFU)")
@@ -198,7 +213,8 @@ def main(argv=None) -> None:
     if args.sweep:
         sweep(args)
         return
-    print(f"benchmark: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per row")
+    print(f"benchmark: batch {args.batch_size}; per row {args.warmup} warm-up steps, then the best of "
+          f"{args.repeats} windows of {args.steps} steps")
     print(json.dumps(compare(args)))
 
 

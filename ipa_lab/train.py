@@ -344,7 +344,9 @@ class Trainer:
         self.cfg = cfg
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
         want = get_device(cfg.device)
-        self.accelerator = accelerator or Accelerator(mixed_precision=mp if want.type == "cuda" else "no", cpu=want.type == "cpu")
+        if want.type == "cpu" and cfg.precision == "fp16":
+            raise ValueError("fp16 autocast needs a GPU; on the CPU use fp32 or bf16")
+        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=want.type == "cpu")
         self.device = self.accelerator.device
         seed_everything(cfg.seed)
         self.bb = backbone or load_backbone(cfg.model, self.device, image_encoder=cfg.image_encoder)
@@ -368,6 +370,12 @@ class Trainer:
         self.inputs = (CachedInputs(bb, self.dataset, cfg.variant, self.device) if cfg.fast
                        else ReferenceInputs(bb, self.dataset, cfg.variant))
         self.cache_seconds = time.perf_counter() - t0
+        if cfg.fast and self.device.type == "cuda":
+            # The cache replaces the frozen encoders during training: give their GPU memory
+            # back (they stay on the CPU for the final fingerprint check).
+            for m in (bb.vae, bb.text_encoder, bb.image_encoder):
+                m.to("cpu")
+            torch.cuda.empty_cache()
         s = self.resolution // 2 ** (len(bb.vae.config.block_out_channels) - 1)
         self.latent_shape = (bb.unet.config.in_channels, s, s)
         self.output = Path(cfg.output)
