@@ -6,34 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ipa_lab import checks
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError("your code here")
-
-
-def verdict(capsys, checker, answer) -> tuple[bool, str]:
-    result = checker(answer)
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1, out  # one line, no traceback
-    return result, out
-
-
-def assert_pass(capsys, checker, answer):
-    ok, out = verdict(capsys, checker, answer)
-    assert ok is True and out.startswith(f"PASS {checker.__name__}:"), out
-
-
-def assert_todo(capsys, checker):
-    ok, out = verdict(capsys, checker, stub)
-    assert ok is False and out.startswith(f"TODO {checker.__name__}: not yet implemented"), out
-
-
-def assert_fail(capsys, checker, answer, *fragments):
-    ok, out = verdict(capsys, checker, answer)
-    assert ok is False and out.startswith(f"FAIL {checker.__name__}:"), out
-    for fragment in fragments:
-        assert fragment in out, out
+from verdicts import assert_fail, assert_pass, assert_todo
 
 
 # --- notebook 04 ---------------------------------------------------------------------------
