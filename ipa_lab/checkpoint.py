@@ -61,9 +61,10 @@ def write_atomically(path: str | os.PathLike, write) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
     try:
         write(tmp)
+        # mkstemp makes the file private, and a writer may re-create it: give it the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows (same directory, same file system)

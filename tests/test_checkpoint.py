@@ -78,6 +78,17 @@ def test_write_is_atomic(toy_unet, tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ip.bin"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_saved_file_has_the_usual_permissions(toy_unet, tmp_path, suffix):
+    """The temp file behind the atomic write is private; the checkpoint must not stay so."""
+    old = os.umask(0o022)
+    try:
+        path = save_ip_adapter(tmp_path / f"ip{suffix}", make_projection("base"), trained_adapter(toy_unet, "base"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def denoise_ours(unet, parts, prompt_embeds, negative_embeds, image_tokens, negative_tokens, latents,
                  steps=2, guidance=7.5):
     """The pipeline's loop, written out, with image tokens appended to the text tokens."""

@@ -58,3 +58,29 @@ def test_no_generated_junk_is_tracked():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     junk = [f for f in files if f.startswith((".venv/", "runs/")) or "__pycache__" in f or f.endswith((".pyc", ".ckpt"))]
     assert junk == []
+
+
+def _texts(cell: dict):
+    """Every text a stored output shows: streams, plain-text results and error messages."""
+    for out in cell.get("outputs", []):
+        yield out.get("name", out["output_type"]), "".join(out.get("text", ""))
+        yield "text/plain", "".join(out.get("data", {}).get("text/plain", ""))
+
+
+def test_stored_notebooks_are_quiet_and_portable():
+    """What nbval compares must not depend on the machine: no stderr, no paths, addresses, device
+    names or timings in outputs, and no execution timestamps or widget state in the metadata."""
+    import json
+
+    leaks = re.compile(r"/(?:home|tmp|work|Users)/|0x[0-9a-f]{6,}|\bcuda\b|NVIDIA|\bit/s\b|\d+(?:\.\d+)? ?(?:s|ms) elapsed")
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+    assert len(notebooks) == 8
+    for path in notebooks:
+        nb = json.loads(path.read_text())
+        assert set(nb["metadata"]) <= {"kernelspec", "language_info"}, f"{path.name}: {set(nb['metadata'])}"
+        for i, cell in enumerate(nb["cells"]):
+            assert "execution" not in cell.get("metadata", {}), f"{path.name} cell {i}: execution timestamps"
+            for kind, text in _texts(cell):
+                assert kind != "stderr" or not text.strip(), f"{path.name} cell {i} wrote to stderr: {text[:200]}"
+                assert kind != "error", f"{path.name} cell {i} stored an error"
+                assert not leaks.search(text), f"{path.name} cell {i}: {leaks.search(text).group(0)!r} in {text[:200]!r}"
