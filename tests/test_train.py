@@ -47,6 +47,24 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(toy_model, toy_data, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_saves_first_and_resume_finishes_the_same_run(toy_model, toy_data, tmp_path, capsys):
+    full = Trainer(config(toy_model, toy_data, tmp_path / "a", steps=4)).run(progress=False)
+    stopped = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4))
+    real_step = stopped.train_step
+
+    def press_ctrl_c_at_step_3(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    stopped.train_step = press_ctrl_c_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress=False)
+    assert "saved step 3; continue with --resume" in capsys.readouterr().err
+    resumed = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4, resume=True)).run(progress=False)
+    assert resumed.losses == full.losses
+
+
 @pytest.mark.parametrize("variant", ["base", "plus"])
 def test_fast_path_loss_equals_the_reference_recipe(toy_model, toy_data, tmp_path, variant):
     # High drop rates so that the first batch holds every case: image, text, both dropped.
