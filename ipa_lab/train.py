@@ -523,6 +523,10 @@ def main(argv=None) -> None:
         result = train(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
+        return
     r = result.report
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s (encoder cache {result.cache_seconds:.1f} s); "
           f"final loss {result.losses[-1][1]:.4f}" if result.losses else "no steps to train")
