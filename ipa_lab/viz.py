@@ -9,15 +9,12 @@ Images may be PIL images, (H, W, 3) arrays (uint8, or floats in [0, 1]) or (3, H
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def to_array(image) -> np.ndarray:
     """Any supported image -> (H, W, 3) float array in [0, 1], for imshow."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency of the package
-        torch = None
-    if torch is not None and isinstance(image, torch.Tensor):
+    if isinstance(image, torch.Tensor):
         x = image.detach().float().cpu()
         if x.ndim != 3 or x.shape[0] not in (1, 3):
             raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(x.shape)}")

@@ -72,7 +72,7 @@ def test_stored_notebooks_are_quiet_and_portable():
     names or timings in outputs, and no execution timestamps or widget state in the metadata."""
     import json
 
-    leaks = re.compile(r"/(?:home|tmp|work|Users)/|0x[0-9a-f]{6,}|\bcuda\b|NVIDIA|\bit/s\b|\d+(?:\.\d+)? ?(?:s|ms) elapsed")
+    leaks = re.compile(r"/(?:home|tmp|work|Users)/|0x[0-9a-f]{6,}|\bcuda\b|NVIDIA|\bit/s\b|Warning\b|\d+(?:\.\d+)? ?(?:s|ms) elapsed")
     notebooks = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
     assert len(notebooks) == 8
     for path in notebooks:
