@@ -1,0 +1,43 @@
+"""Exercise checkers: one per exercise, each prints a friendly verdict and never a traceback.
+
+In a notebook::
+
+    def hidden_size_of(name, block_out_channels):
+        ### BEGIN SOLUTION
+        ...
+        ### END SOLUTION
+
+    checks.hidden_size_of(hidden_size_of)
+
+prints ``PASS hidden_size_of: ...`` or ``FAIL hidden_size_of: <what is wrong>``, or, in a student
+copy whose solution is still the stub, ``TODO hidden_size_of: not yet implemented``. A checker
+returns True or False and never raises, so a notebook always runs to its end; later cells use
+the package's own implementation, not the learner's.
+
+`core` holds the verdict printer and the `expect*` helpers; each `nbXX_*` module holds the
+checkers of one notebook. They are all re-exported here, so a notebook only needs
+``from ipa_lab import checks``.
+"""
+from __future__ import annotations
+
+from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape
+from .nb00_overview import latent_shape, encoder_hidden_states_shape
+from .nb01_image_projection import image_proj_forward, projection_parameters
+from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention
+from .nb03_freeze_and_count import params_to_opt, adapter_parameters
+from .nb04_training_loop import drop_decision, noisy_latents, diffusion_loss
+from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance
+from .nb06_ip_adapter_plus import perceiver_kv_input, perceiver_scores, resampler_parameters
+from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
+
+__all__ = [
+    "latent_shape", "encoder_hidden_states_shape",
+    "image_proj_forward", "projection_parameters",
+    "hidden_size_of", "decoupled_attention",
+    "params_to_opt", "adapter_parameters",
+    "drop_decision", "noisy_latents", "diffusion_loss",
+    "compose_prompt_embeds", "unconditional_image_tokens", "guidance",
+    "perceiver_kv_input", "perceiver_scores", "resampler_parameters",
+    "global_batch", "adamw_state_bytes", "static_training_bytes",
+    "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
+]

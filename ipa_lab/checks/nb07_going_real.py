@@ -1,0 +1,71 @@
+"""Notebook 07, going real: the arithmetic of training at the paper's scale.
+
+Global batch and steps per epoch across processes, and the memory of weights, gradients and AdamW.
+"""
+from __future__ import annotations
+
+from .core import CheckFailed, checker, expect
+
+
+@checker
+def global_batch(fn) -> str:
+    """fn(per_device_batch, num_processes, dataset_size) -> (global_batch, steps_per_epoch)."""
+    cases = [("the paper: 8 GPUs x 8 images, about 10M pairs", (8, 8, 10_000_000), 64, {156_250}),
+             ("this course on one CPU: batch 64, 4000 images", (64, 1, 4000), 64, {62, 63}),
+             ("4 GPUs x 16 images, 1024 images", (16, 4, 1024), 64, {16}),
+             ("2 GPUs x 8 images, 4000 images", (8, 2, 4000), 16, {250})]
+    for what, args, want_batch, want_steps in cases:
+        got = fn(*args)
+        try:
+            batch, steps = (int(x) for x in got)
+        except (TypeError, ValueError):
+            raise CheckFailed(f"return a pair (global_batch, steps_per_epoch), got {got!r}") from None
+        expect(batch == want_batch, f"for {what} the global batch is {batch}, expected {want_batch}: every process "
+               "takes its own per-device batch at each step, so one step consumes per_device x num_processes images")
+        expect(steps != args[2] // args[0] or args[1] == 1, f"for {what} you get {steps:,} steps per epoch: that is "
+               "one GPU's count; all processes move through the data together, so divide by the global batch")
+        expect(steps in want_steps, f"for {what} you get {steps:,} steps per epoch, expected "
+               f"{' or '.join(f'{s:,}' for s in sorted(want_steps))} (dataset_size / global batch)")
+    return "global batch = per-device batch x processes; an epoch is dataset_size / global batch steps (156,250 for the paper)."
+
+
+@checker
+def adamw_state_bytes(fn) -> str:
+    """fn(num_trainable) -> bytes of AdamW's state for that many fp32 parameters."""
+    for n in (22_319_616, 49_087_488, 1000):
+        got = fn(n)
+        expect(isinstance(got, (int, float)) or hasattr(got, "__float__"), f"return a number, got {got!r}")
+        got = float(got)
+        want = 8 * n
+        expect(got != 4 * n, f"for {n:,} parameters you get {got:,.0f} bytes: that is one fp32 moment; AdamW keeps "
+               "two per parameter (exp_avg and exp_avg_sq)")
+        expect(got != 16 * n, f"for {n:,} parameters you get {got:,.0f} bytes: that also counts the weights and "
+               "the gradients; the optimizer's state is the two moments alone")
+        expect(got != 2 * n, f"for {n:,} parameters you get {got:,.0f}: count bytes, not values (fp32 = 4 bytes)")
+        expect(abs(got - want) < 0.5, f"for {n:,} parameters you get {got:,.0f} bytes, expected {want:,}")
+    return "two fp32 moments per parameter = 8 bytes: 178.6 MB for SD 1.5's 22,319,616 trainable parameters."
+
+
+@checker
+def static_training_bytes(fn) -> str:
+    """fn(n_frozen, n_trainable, frozen_bytes_per_param) -> bytes of weights, gradients and optimizer state."""
+    for n_frozen, n_trainable, frozen_bytes in ((1_700_000_000, 22_319_616, 2), (1_700_000_000, 22_319_616, 4),
+                                                (1000, 10, 2)):
+        got = fn(n_frozen, n_trainable, frozen_bytes)
+        expect(isinstance(got, (int, float)) or hasattr(got, "__float__"), f"return a number, got {got!r}")
+        got = float(got)
+        want = n_frozen * frozen_bytes + 16 * n_trainable
+        what = f"for {n_frozen:,} frozen ({frozen_bytes} bytes each) and {n_trainable:,} trainable parameters"
+        expect(got != n_frozen * frozen_bytes + 16 * n_trainable + (4 + 8) * n_frozen,
+               f"{what} you gave the frozen models gradients and AdamW states: they have none "
+               "(requires_grad is False and they are not in the optimizer)")
+        expect(got != 16 * (n_frozen + n_trainable), f"{what} you counted every parameter as trainable; only "
+               "the adapter has gradients and optimizer state")
+        expect(got != n_frozen * frozen_bytes + 12 * n_trainable, f"{what} you left out the trainable weights' "
+               "gradients (4 bytes each)")
+        expect(got != n_frozen * frozen_bytes + 8 * n_trainable, f"{what} the trainable part needs its fp32 weights "
+               "(4), gradients (4) and two AdamW moments (8): 16 bytes each")
+        expect(got != (n_frozen + n_trainable) * frozen_bytes, f"{what} you left out the gradients and AdamW state "
+               "of the trainable part")
+        expect(abs(got - want) < 0.5, f"{what} you get {got:,.0f} bytes, expected {want:,}")
+    return "frozen weights x their bytes + 16 bytes per trainable parameter (fp32 weight, gradient, two moments)."
