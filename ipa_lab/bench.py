@@ -3,6 +3,7 @@
     python -m ipa_lab.bench                       # the toy pipeline on this machine's device
     python -m ipa_lab.bench --size sd15           # SD 1.5-size models, random weights (GPU)
     python -m ipa_lab.bench --sweep               # steps/s against batch size and resolution
+    python -m ipa_lab.bench --cache-scale         # encoder cache build: time and memory at 10k-1M captions
 
 Rows are cumulative switches, so each row's gain is that switch's contribution:
 reference (the original: every frozen encoder runs every step, fp32) -> + cached encoders ->
@@ -58,9 +59,8 @@ def sd15_backbone(device):
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from .configs import _settings, build_image_encoder, build_unet, load_config
-    from .pretrain import caption_words, scheduler_config
-    from .tokenizer import build_tokenizer
-    from .train import Backbone
+    from .tokenizer import build_tokenizer, caption_words
+    from .trainer import Backbone
     from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def sd15_backbone(device):
     image = build_image_encoder("clip_vit_h14_vision", device="cpu")
     bb = Backbone(vae, text, image, unet, build_tokenizer(caption_words(), model_max_length=77),
                   CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-                  DDPMScheduler.from_config(scheduler_config()))
+                  DDPMScheduler.from_config(_settings(load_config("sd15_scheduler"))))
     for m in bb.frozen().values():
         m.requires_grad_(False).eval().to(device)
     return bb
@@ -78,7 +78,8 @@ def sd15_backbone(device):
 
 def run_one(args, overrides: dict) -> dict:
     """Train `warmup + steps` steps with one configuration; return speed and peak memory."""
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig
+    from .trainer import Trainer
 
     device = get_device(args.device)
     cfg = TrainConfig(model=args.model, data=args.data, output=tempfile.mkdtemp(prefix="ipa-bench-"),
@@ -182,6 +183,52 @@ def sweep(args) -> None:
         print(f"  {res:4d} px: {r['steps_per_s']:7.2f} steps/s", flush=True)
 
 
+def cache_one(n_captions: int, n_images: int, seed: int = 0) -> dict:
+    """Build the encoder cache of a synthetic data set of `n_captions` records (distinct random
+    captions of the toy vocabulary, `n_images` shape images reused in turn) with the toy
+    encoders; return the build time, the size on disk and the peak memory (this process)."""
+    import random
+
+    from . import cache
+    from .data import IPAdapterDataset, make_shapes_dataset
+    from .pipeline import load_pipeline
+    from .tokenizer import caption_words
+
+    root = Path(tempfile.mkdtemp(prefix="ipa-cache-scale-"))
+    make_shapes_dataset(root, n_train=n_images, n_val=1, seed=seed)
+    rng, words = random.Random(seed), caption_words()
+    records = [{"image_file": f"images/train_{i % n_images:05d}.png", "text": " ".join(rng.choices(words, k=10))}
+               for i in range(n_captions)]
+    (root / "train.json").write_text(json.dumps(records))
+    del records
+    pipe = load_pipeline()
+    dataset = IPAdapterDataset(root, "train", image_processor=pipe.feature_extractor)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    folder = cache.build(pipe, dataset, "base", root / "cache")
+    seconds = time.perf_counter() - t0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"records": n_captions, "captions": manifest["captions"], "images": manifest["images"],
+            "bytes": manifest["bytes"], "seconds": seconds, "rss_before_build": rss_before,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "root": str(root)}
+
+
+def cache_scale(args) -> None:
+    """The encoder cache at growing sizes, each in a fresh process (its own peak memory)."""
+    print(f"{'records':>10} {'captions':>10} {'on disk':>10} {'build':>8} {'per 1k':>7} {'RSS before':>11} {'peak RSS':>9}")
+    for n in args.cache_scale_sizes:
+        cmd = [sys.executable, "-m", "ipa_lab.bench", "--_cache", str(n), "--cache-images", str(args.cache_images)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode != 0:
+            raise RuntimeError(f"cache-scale child failed for {n} records:\n{out.stderr[-2000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        subprocess.run(["rm", "-rf", r.pop("root")])
+        print(f"{r['records']:>10,} {r['captions']:>10,} {r['bytes'] / 2**20:>7,.0f} MiB {r['seconds']:>6.1f} s "
+              f"{1000 * r['seconds'] / r['records']:>5.2f} s {r['rss_before_build'] / 2**20:>7,.0f} MiB "
+              f"{r['peak_rss'] / 2**20:>5,.0f} MiB", flush=True)
+        print(json.dumps(r), file=sys.stderr)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ipa_lab.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="data/toy-sd")
@@ -198,7 +245,11 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--sweep-resolutions", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--cache-scale", action="store_true", help="encoder cache build time and memory against size")
+    p.add_argument("--cache-scale-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--cache-images", type=int, default=1000, help="distinct images in the cache-scale data sets")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_cache", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.batch_size is None:
         a.batch_size = 8 if a.size == "sd15" else 64
@@ -215,6 +266,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args._one is not None:
         print(json.dumps(run_one(args, json.loads(args._one))))
+        return
+    if args._cache is not None:
+        print(json.dumps(cache_one(args._cache, args.cache_images)))
+        return
+    if args.cache_scale:
+        cache_scale(args)
         return
     if args.sweep:
         sweep(args)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as shapes
-from .checkpoint import write_atomically
+from .configs import _settings, load_config
+from .loop import load_state, run_steps, save_state
 from .runtime import get_device, quiet, seed_everything
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, caption_words
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -51,12 +51,6 @@ def toy_configs(vocab_size: int) -> dict:
     return {"unet": unet, "text": text, "vision": vision, "vae": vae}
 
 
-def caption_words() -> list[str]:
-    words = "a small large in the".split() + list(shapes.COLOURS) + list(shapes.SHAPES)
-    words += [w for p in shapes.POSITIONS for w in p.split()]
-    return sorted(set(words))
-
-
 def image_processor():
     """CLIP's own preprocessing (resize, centre crop, CLIP's mean and std) at the toy size.
 
@@ -68,30 +62,22 @@ def image_processor():
     return CLIPImageProcessorPil(size={"shortest_edge": r}, crop_size={"height": r, "width": r})
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _save_state(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
-def _load_state(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.exists() else None
-
-
+# ----------------------------------------------------------------------------- the loop
 def _loop(stage: str, model, opt, steps: int, step_fn, args, ema=None, lr_fn=None) -> None:
-    """The shared training loop of the three stages: resume, step, log, checkpoint."""
+    """One stage: resume from its checkpoint, then `loop.run_steps` with this script's extras
+    (a learning-rate schedule, an EMA copy of the weights, the global RNG state it draws from)."""
     ckpt = Path(args.work_dir) / f"{stage}.pt"
     start = 0
-    state = _load_state(ckpt) if args.resume else None
-    if state is not None:
+    if args.resume and ckpt.exists():
+        state = load_state(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
-    for step in bar:
+
+    def one_step(step: int) -> float:
         if lr_fn is not None:
             for g in opt.param_groups:
                 g["lr"] = lr_fn(step)
@@ -103,10 +89,13 @@ def _loop(stage: str, model, opt, steps: int, step_fn, args, ema=None, lr_fn=Non
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - args.ema_decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            _save_state(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                               "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
+        return loss.item()
+
+    def save(done: int) -> None:
+        save_state(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": done,
+                          "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
+
+    run_steps(start, steps, one_step, save, args.checkpoint_every, desc=stage)
 
 
 def _cosine(base: float, steps: int, warmup: int = 100):
@@ -181,9 +170,8 @@ def train_unet(latent_mean, latent_std, caption_index, text_states, empty_state,
 
 
 def scheduler_config() -> dict:
-    """SD 1.5's noise schedule (scaled-linear betas over 1000 steps)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    """SD 1.5's noise schedule (scaled-linear betas over 1000 steps), from configs/sd15_scheduler.json."""
+    return _settings(load_config("sd15_scheduler"))
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -272,7 +260,8 @@ def main(argv=None) -> None:
     pixels = torch.stack([it["pixel_values"] for it in items])
     clip_pixels = torch.stack([it["clip_pixel_values"] for it in items])
     captions = sorted({it["text"] for it in items})
-    caption_index = torch.tensor([captions.index(it["text"]) for it in items])
+    row = {c: i for i, c in enumerate(captions)}
+    caption_index = torch.tensor([row[it["text"]] for it in items])
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     stages = args.stages.split(",")
     out, clip_out = Path(args.output), Path(args.clip_output)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import CLIPTokenizer
 
+from .data import COLOURS, POSITIONS, SHAPES
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -48,3 +50,10 @@ def build_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTokeniz
         if len(tok.tokenize(word)) != 1:
             raise AssertionError(f"the toy tokenizer split {word!r} into {tok.tokenize(word)}")
     return tok
+
+
+def caption_words() -> list[str]:
+    """Every word the shapes captions use ("a small red circle in the top left"), sorted."""
+    words = "a small large in the".split() + list(COLOURS) + list(SHAPES)
+    words += [w for p in POSITIONS for w in p.split()]
+    return sorted(set(words))
