@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ipa_lab import checks
-from verdicts import assert_fail, assert_pass, assert_todo
+from verdicts import assert_fail, assert_pass, assert_todo, assert_unusable
 
 
 # --- notebook 00 ---------------------------------------------------------------------------
@@ -29,6 +29,12 @@ def test_latent_shape(capsys):
     assert_fail(capsys, checks.latent_shape,
                 lambda h, w, c: (len(c["block_out_channels"]),) + latent_shape_solution(h, w, c)[1:], "latent_channels")
     assert_fail(capsys, checks.latent_shape, lambda h, w, c: None, "tuple of ints")
+    # strings are not a shape, even where int() would read them; the checker's int() is not the learner's crash
+    assert_unusable(capsys, checks.latent_shape, lambda h, w, c: ("4", "x", "8"), "tuple of ints", "('4', 'x', '8')")
+    assert_unusable(capsys, checks.latent_shape, lambda h, w, c: ("4", "8", "8"), "tuple of ints")
+    assert_unusable(capsys, checks.latent_shape, lambda h, w, c: "488", "tuple of ints", "'488'")
+    assert_pass(capsys, checks.latent_shape, lambda h, w, c: torch.tensor(latent_shape_solution(h, w, c)))
+    assert_fail(capsys, checks.latent_shape, lambda h, w, c: h // 0, "your code raised ZeroDivisionError")
 
 
 def test_encoder_hidden_states_shape(capsys):
@@ -38,6 +44,7 @@ def test_encoder_hidden_states_shape(capsys):
     assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t, d), "the text alone")
     assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t, d + i), "along the sequence")
     assert_fail(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, t + 4, d), "expected (3, 93, 768)")
+    assert_unusable(capsys, checks.encoder_hidden_states_shape, lambda b, t, i, d: (b, f"{t}+{i}", d), "tuple of ints")
 
 
 # --- notebook 01 ---------------------------------------------------------------------------
@@ -61,6 +68,9 @@ def test_image_proj_forward(capsys):
                 lambda x, proj, norm, n: image_proj_forward_solution(x, proj, norm, n).detach(), "no gradient")
     assert_fail(capsys, checks.image_proj_forward,  # hard-coded 4 tokens
                 lambda x, proj, norm, n: norm(proj(x).reshape(x.shape[0], 4, -1)), "hard-code")
+    assert_fail(capsys, checks.image_proj_forward, lambda x, proj, norm, n: x.foo, "your code raised AttributeError")
+    assert_unusable(capsys, checks.image_proj_forward,
+                    lambda x, proj, norm, n: image_proj_forward_solution(x, proj, norm, n).double(), "dtype float64")
 
 
 def projection_parameters_solution(clip_embeddings_dim, cross_attention_dim, num_tokens):
@@ -77,6 +87,8 @@ def test_projection_parameters(capsys):
     assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d, "the bias of proj and the LayerNorm")
     assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * t * d + t * d + 2 * d * t, "shared by all")
     assert_fail(capsys, checks.projection_parameters, lambda e, d, t: e * d + d + 2 * d, "expected 8,576")
+    assert_unusable(capsys, checks.projection_parameters, lambda e, d, t: float("nan"), "return a whole number, got nan")
+    assert_pass(capsys, checks.projection_parameters, lambda e, d, t: float(projection_parameters_solution(e, d, t)))
 
 
 # --- notebook 02 ---------------------------------------------------------------------------
@@ -137,6 +149,7 @@ def test_params_to_opt(capsys):
                 "appear twice")
     assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: None, "returned None")
     assert_fail(capsys, checks.params_to_opt, lambda proj, adapter, unet: adapter, "not a module")
+    assert_unusable(capsys, checks.params_to_opt, lambda proj, adapter, unet: 3, "return a list of parameters, got int 3")
 
 
 def test_adapter_parameters(capsys):
@@ -148,3 +161,4 @@ def test_adapter_parameters(capsys):
     assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * d * sum(w) + 2 * sum(w), "no bias")
     assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * sum(h * h for h in w), "hidden_size x cross_attention_dim")
     assert_fail(capsys, checks.adapter_parameters, lambda w, d: 2 * 768 * sum(w), "expected 90,112")
+    assert_unusable(capsys, checks.adapter_parameters, lambda w, d: torch.tensor([d, sum(w)]), "whole number")

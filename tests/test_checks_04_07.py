@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ipa_lab import checks
-from verdicts import assert_fail, assert_pass, assert_todo
+from verdicts import assert_fail, assert_pass, assert_todo, assert_unusable
 
 
 # --- notebook 04 ---------------------------------------------------------------------------
@@ -161,6 +161,7 @@ def test_global_batch(capsys):
     assert_fail(capsys, checks.global_batch, lambda b, n, size: (b, size // b), "every process")
     assert_fail(capsys, checks.global_batch, lambda b, n, size: (b * n, size // b), "one GPU's count")
     assert_fail(capsys, checks.global_batch, lambda b, n, size: b * n, "pair")
+    assert_unusable(capsys, checks.global_batch, lambda b, n, size: (b * n, float("inf")), "pair", "inf")
 
 
 def test_adamw_state_bytes(capsys):
@@ -170,6 +171,8 @@ def test_adamw_state_bytes(capsys):
     assert_fail(capsys, checks.adamw_state_bytes, lambda n: 16 * n, "weights and the gradients")
     assert_fail(capsys, checks.adamw_state_bytes, lambda n: 2 * n, "bytes, not values")
     assert_fail(capsys, checks.adamw_state_bytes, lambda n: "a lot", "return a number")
+    assert_unusable(capsys, checks.adamw_state_bytes, lambda n: torch.tensor([4.0 * n, 4.0 * n]), "return a number")
+    assert_pass(capsys, checks.adamw_state_bytes, lambda n: torch.tensor(8 * n))
 
 
 def test_static_training_bytes(capsys):
@@ -179,3 +182,4 @@ def test_static_training_bytes(capsys):
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + 16 * t + 12 * f, "frozen models gradients")
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + 8 * t, "16 bytes each")
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: (f + t) * b, "gradients and AdamW state")
+    assert_unusable(capsys, checks.static_training_bytes, lambda f, t, b: "16 GB", "return a number")

@@ -29,3 +29,12 @@ def assert_fail(capsys, checker, answer, *fragments):
     assert ok is False and out.startswith(f"FAIL {checker.__name__}:"), out
     for fragment in fragments:
         assert fragment in out, out
+
+
+def assert_unusable(capsys, checker, answer, *fragments):
+    """A FAIL for an answer the checker cannot use: it must not claim the learner's code raised."""
+    ok, out = verdict(capsys, checker, answer)
+    assert ok is False and out.startswith(f"FAIL {checker.__name__}:"), out
+    assert "your code raised" not in out, out
+    for fragment in fragments:
+        assert fragment in out, out

@@ -4,10 +4,19 @@ A checker is a function `check(fn) -> str` that calls the learner's `fn` on a fe
 `CheckFailed` with a message for the learner at the first wrong answer, and otherwise returns
 the pass message. `checker` turns it into a function that prints one verdict line (PASS, FAIL
 or TODO) and returns True or False, never raising, so a notebook always runs to its end.
+
+Who is to blame for an exception matters: "your code raised ValueError" is only true when the
+learner's function raised it. So the checker never sees the learner's function itself, only a
+`LearnerFunction` around it, which tags what the call raises (`LearnerRaised`, or
+`NotYetImplemented` for the stub) and remembers what it returned. Anything else that escapes a
+checker was raised by the checker while it worked on that returned value, and the verdict says
+so: what the function returned, and what was expected.
 """
 from __future__ import annotations
 
 import functools
+import numbers
+import reprlib
 
 import torch
 
@@ -16,22 +25,100 @@ class CheckFailed(AssertionError):
     """Raised inside a checker with a message for the learner."""
 
 
-def checker(fn):
-    """Turn `fn(answer) -> str` (the pass message; raises CheckFailed) into a verdict printer."""
+class LearnerRaised(Exception):
+    """The learner's function raised `error` (the one case where "your code raised" is true)."""
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs) -> bool:
-        name = fn.__name__
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
+class NotYetImplemented(Exception):
+    """The learner's function is still the stub: it raised NotImplementedError."""
+
+
+_NOTHING = object()  # what a LearnerFunction has returned before its first successful call
+
+
+class LearnerFunction:
+    """The learner's function as checkers call it: exceptions from the call are tagged, results kept.
+
+    Calling it calls the learner's function with the same arguments. An exception raised in that
+    call comes out as `LearnerRaised` (or `NotYetImplemented`), so the verdict can tell it apart
+    from an exception the checker raises itself; `returned` is the latest value the call returned.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.returned = _NOTHING
+
+    def __call__(self, *args, **kwargs):
         try:
-            msg = fn(*args, **kwargs)
+            result = self.fn(*args, **kwargs)
         except NotImplementedError:
+            raise NotYetImplemented() from None
+        except Exception as e:
+            raise LearnerRaised(e) from e
+        self.returned = result
+        return result
+
+
+def first_line(error: BaseException) -> str:
+    """`ValueError: the first line of its message`: enough to find the bug, no traceback."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother = 60, 60
+
+
+def describe(value) -> str:
+    """A short description of a returned value: dtype and shape for a tensor, else type and repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {str(value.dtype).removeprefix('torch.')} and shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {_short.repr(value)}"
+
+
+def _expected(check) -> str:
+    """What the learner's function should do: the first line of the checker's docstring."""
+    doc = (check.__doc__ or "").strip()
+    return doc.splitlines()[0].rstrip(".") if doc else "the function the exercise describes"
+
+
+def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
+    """The verdict when the checker itself raised: the answer could not be used, or a checker bug."""
+    if learner.returned is _NOTHING:  # nothing came back yet, so the answer cannot be the cause
+        return (f"the checker failed before it had an answer from your function ({first_line(error)}); "
+                "this is a bug in ipa_lab.checks, not in your code")
+    return (f"your function returned {describe(learner.returned)}, which the checker cannot use "
+            f"({first_line(error)}); expected {_expected(check)}")
+
+
+def checker(check):
+    """Turn `check(fn) -> str` (the pass message; raises CheckFailed) into a verdict printer."""
+
+    @functools.wraps(check)
+    def run(fn) -> bool:
+        name = check.__name__
+        if not callable(fn):  # e.g. checks.latent_shape(latent_shape(32, 32, cfg))
+            print(f"FAIL {name}: pass your function itself, as in checks.{name}(my_function), "
+                  f"not what it returns (got {describe(fn)})")
+            return False
+        learner = LearnerFunction(fn)
+        try:
+            msg = check(learner)
+        except NotYetImplemented:
             print(f"TODO {name}: not yet implemented (the notebook carries on with ipa_lab's version)")
             return False
         except CheckFailed as e:
             print(f"FAIL {name}: {e}")
             return False
-        except Exception as e:  # the learner's code crashed: say where, briefly
-            print(f"FAIL {name}: your code raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        except LearnerRaised as e:  # the learner's code crashed: say where, briefly
+            print(f"FAIL {name}: your code raised {first_line(e.error)}")
+            return False
+        except Exception as e:  # the checker stumbled on the answer: not the learner's crash
+            print(f"FAIL {name}: {_unusable(check, learner, e)}")
             return False
         print(f"PASS {name}: {msg}")
         return True
@@ -61,3 +148,23 @@ def expect_close(a: torch.Tensor, b: torch.Tensor, what: str = "the output", ato
 def expect_equal(got, want, what: str) -> None:
     """`got == want`; the message shows both."""
     expect(got == want, f"{what} is {got!r}, expected {want!r}")
+
+
+def as_number(value) -> float | None:
+    """`value` as a float if it is one number (an int, a float, a one-element tensor), else None."""
+    if isinstance(value, (str, bytes)):  # float("12") works, but a string is not a count
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several numbers raises ValueError
+        return None
+
+
+def as_whole_number(value) -> int | None:
+    """`value` as an int if it is a whole number (7, 7.0, tensor(7)), else None (7.5, nan, "7")."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number = as_number(value)
+    if number is None or not number.is_integer():  # is_integer() is False for nan and inf
+        return None
+    return int(number)

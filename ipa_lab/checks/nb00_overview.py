@@ -5,7 +5,7 @@ image tokens are appended to the text tokens.
 """
 from __future__ import annotations
 
-from .core import CheckFailed, checker, expect
+from .core import CheckFailed, as_whole_number, checker, expect
 
 
 def _frozen(config: dict):
@@ -16,10 +16,18 @@ def _frozen(config: dict):
 
 
 def _as_int_tuple(value, what: str) -> tuple:
+    """`value` as a tuple of ints: a tuple, list, torch.Size... of whole numbers, else the check fails.
+
+    A string is refused even where int() would take it: "488" or ("4", "8", "8") is not a shape.
+    """
     try:
-        return tuple(int(x) for x in value)
-    except TypeError:
-        raise CheckFailed(f"{what} should be a tuple of ints, got {type(value).__name__} {value!r}") from None
+        items = None if isinstance(value, (str, bytes)) else tuple(value)
+    except TypeError:  # not a sequence at all: None, a single int...
+        items = None
+    ints = None if items is None else [as_whole_number(x) for x in items]
+    if ints is None or None in ints:
+        raise CheckFailed(f"{what} should be a tuple of ints, got {type(value).__name__} {value!r}")
+    return tuple(ints)
 
 
 @checker

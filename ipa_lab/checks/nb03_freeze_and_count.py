@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import CheckFailed, checker, expect
+from .core import CheckFailed, as_whole_number, checker, describe, expect
 
 
 @checker
@@ -31,7 +31,10 @@ def params_to_opt(fn) -> str:
     got = fn(image_proj_model, adapter_modules, unet)
     expect(got is not None, "your function returned None; return a list of parameters")
     expect(not isinstance(got, torch.nn.Module), "return the parameters (e.g. list(module.parameters())), not a module")
-    got = list(got)
+    try:
+        got = list(got)
+    except TypeError:  # not iterable: an int, a single tensor's number...
+        raise CheckFailed(f"return a list of parameters, got {describe(got)}") from None
     bad = [type(p).__name__ for p in got if not isinstance(p, torch.Tensor)]
     if bad:
         raise CheckFailed(f"expected parameters (tensors), found {bad[0]} in your list")
@@ -69,9 +72,9 @@ def adapter_parameters(fn) -> str:
     for what, widths, dim in cases:
         want = 2 * dim * sum(widths)
         got = fn(list(widths), dim)
-        expect(isinstance(got, int) or (hasattr(got, "__int__") and float(got) == int(got)),
-               f"return a whole number, got {got!r}")
-        got = int(got)
+        number = as_whole_number(got)
+        expect(number is not None, f"return a whole number, got {got!r}")
+        got = number
         expect(got * 2 != want, f"for {what} you get {got:,}, exactly half of {want:,}: each layer gets two new "
                "matrices, to_k_ip and to_v_ip")
         expect(got != want + 2 * sum(widths), f"for {what} you get {got:,}, expected {want:,}: to_k_ip and "

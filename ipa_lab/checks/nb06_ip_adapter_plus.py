@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import CheckFailed, checker, expect, expect_close, expect_shape
+from .core import CheckFailed, as_whole_number, checker, expect, expect_close, expect_shape
 
 
 @checker
@@ -72,9 +72,9 @@ def resampler_parameters(fn) -> str:
         with torch.device("meta"):
             want = count_parameters(Resampler(**kw))
         got = fn(**kw)
-        expect(isinstance(got, int) or (hasattr(got, "__int__") and float(got) == int(got)),
-               f"return a whole number, got {got!r}")
-        got = int(got)
+        number = as_whole_number(got)
+        expect(number is not None, f"return a whole number, got {got!r}")
+        got = number
         dim, depth, inner = kw["dim"], kw["depth"], kw["dim_head"] * kw["heads"]
         hints = [
             (kw["num_queries"] * dim, "the learned latents (num_queries x dim): the queries are parameters too"),

@@ -4,7 +4,7 @@ Global batch and steps per epoch across processes, and the memory of weights, gr
 """
 from __future__ import annotations
 
-from .core import CheckFailed, checker, expect
+from .core import CheckFailed, as_number, checker, expect
 
 
 @checker
@@ -18,7 +18,7 @@ def global_batch(fn) -> str:
         got = fn(*args)
         try:
             batch, steps = (int(x) for x in got)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # not a pair, or not numbers (inf, nan, text)
             raise CheckFailed(f"return a pair (global_batch, steps_per_epoch), got {got!r}") from None
         expect(batch == want_batch, f"for {what} the global batch is {batch}, expected {want_batch}: every process "
                "takes its own per-device batch at each step, so one step consumes per_device x num_processes images")
@@ -34,8 +34,9 @@ def adamw_state_bytes(fn) -> str:
     """fn(num_trainable) -> bytes of AdamW's state for that many fp32 parameters."""
     for n in (22_319_616, 49_087_488, 1000):
         got = fn(n)
-        expect(isinstance(got, (int, float)) or hasattr(got, "__float__"), f"return a number, got {got!r}")
-        got = float(got)
+        number = as_number(got)
+        expect(number is not None, f"return a number, got {got!r}")
+        got = number
         want = 8 * n
         expect(got != 4 * n, f"for {n:,} parameters you get {got:,.0f} bytes: that is one fp32 moment; AdamW keeps "
                "two per parameter (exp_avg and exp_avg_sq)")
@@ -52,8 +53,9 @@ def static_training_bytes(fn) -> str:
     for n_frozen, n_trainable, frozen_bytes in ((1_700_000_000, 22_319_616, 2), (1_700_000_000, 22_319_616, 4),
                                                 (1000, 10, 2)):
         got = fn(n_frozen, n_trainable, frozen_bytes)
-        expect(isinstance(got, (int, float)) or hasattr(got, "__float__"), f"return a number, got {got!r}")
-        got = float(got)
+        number = as_number(got)
+        expect(number is not None, f"return a number, got {got!r}")
+        got = number
         want = n_frozen * frozen_bytes + 16 * n_trainable
         what = f"for {n_frozen:,} frozen ({frozen_bytes} bytes each) and {n_trainable:,} trainable parameters"
         expect(got != n_frozen * frozen_bytes + 16 * n_trainable + (4 + 8) * n_frozen,
