@@ -56,10 +56,34 @@ def render(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
-def generate(src: Path = NOTEBOOKS, dst: Path | None = None) -> dict[Path, str]:
+def _notebooks(src: Path) -> list[Path]:
+    """The course notebooks in `src`: the numbered ones, in order."""
+    return sorted(src.glob("[0-9]*.ipynb"))
+
+
+def student_copies(src: Path = NOTEBOOKS, dst: Path | None = None) -> dict[Path, str]:
     """{student path: text} for every notebook in `src` (nothing is written)."""
     dst = dst or src / "student"
-    return {dst / p.name: render(student_copy(json.loads(p.read_text()))) for p in sorted(src.glob("[0-9]*.ipynb"))}
+    return {dst / p.name: render(student_copy(json.loads(p.read_text()))) for p in _notebooks(src)}
+
+
+def out_of_date(copies: dict[Path, str]) -> list[Path]:
+    """The paths of `copies` that are missing on disk or hold other text."""
+    return [path for path, text in copies.items() if not path.exists() or path.read_text() != text]
+
+
+def write_student_copies(src: Path = NOTEBOOKS, dst: Path | None = None) -> list[Path]:
+    """Write the student copy of every notebook in `src` into `dst` (default src/student).
+
+    Only copies that are missing or out of date are written, so an unchanged copy keeps its
+    timestamp; returns the paths written.
+    """
+    copies = student_copies(src, dst)
+    stale = out_of_date(copies)
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(copies[path])
+    return stale
 
 
 def main(argv=None) -> int:
@@ -68,18 +92,14 @@ def main(argv=None) -> int:
     p.add_argument("--dst", type=Path, default=None, help="default: SRC/student")
     p.add_argument("--check", action="store_true", help="only report copies that are missing or out of date")
     a = p.parse_args(argv)
-    copies = generate(a.src, a.dst)
-    stale = [path for path, text in copies.items() if not path.exists() or path.read_text() != text]
     if a.check:
+        stale = out_of_date(student_copies(a.src, a.dst))
         for path in stale:
             print(f"out of date: {path.name} (run python -m ipa_lab.student)")
         return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(copies[path])
-    print(f"{len(copies)} student notebooks, {len(stale)} written")
+    written = write_student_copies(a.src, a.dst)
+    print(f"{len(_notebooks(a.src))} student notebooks, {len(written)} written")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

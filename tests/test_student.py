@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from ipa_lab.student import NOTEBOOKS, STUB, generate, main, strip_solutions, student_copy
+from ipa_lab.student import (NOTEBOOKS, STUB, main, strip_solutions, student_copies, student_copy,
+                             write_student_copies)
 
 
 def test_a_solution_region_becomes_one_stub_at_its_indentation():
@@ -28,7 +29,7 @@ def test_outputs_and_counts_are_cleared():
 
 
 def test_every_notebook_has_checked_exercises_and_no_solution_leaks():
-    copies = generate()
+    copies = student_copies()
     assert len(copies) == 8
     for path, text in copies.items():
         solution = json.loads((NOTEBOOKS / path.name).read_text())
@@ -38,6 +39,22 @@ def test_every_notebook_has_checked_exercises_and_no_solution_leaks():
         copy = ["".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "code"]
         assert not any("SOLUTION" in s for s in copy), f"{path.name} leaks a solution marker"
         assert sum(s.count(STUB) for s in copy) == n, f"{path.name}: expected {n} stubs"
+
+
+def test_write_student_copies_writes_what_is_missing_or_stale_and_nothing_else(tmp_path, capsys):
+    nb = {"cells": [{"cell_type": "code", "source": ["x = 1\n", "### BEGIN SOLUTION\n", "y = 2\n",
+                                                      "### END SOLUTION\n"], "outputs": [], "execution_count": 1,
+                     "metadata": {}}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "00_a.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "notes.ipynb").write_text(json.dumps(nb))  # not a numbered course notebook: no copy
+    copy = tmp_path / "student" / "00_a.ipynb"
+    assert write_student_copies(tmp_path) == [copy]
+    assert "".join(json.loads(copy.read_text())["cells"][0]["source"]) == f"x = 1\n{STUB}\n"
+    assert write_student_copies(tmp_path) == []  # up to date: nothing rewritten
+    copy.write_text("stale")
+    assert main(["--src", str(tmp_path), "--check"]) == 1 and "out of date: 00_a.ipynb" in capsys.readouterr().out
+    assert main(["--src", str(tmp_path)]) == 0 and "1 student notebooks, 1 written" in capsys.readouterr().out
+    assert main(["--src", str(tmp_path), "--check"]) == 0
 
 
 def test_committed_student_copies_are_up_to_date(capsys):
