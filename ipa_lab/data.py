@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 RESOLUTION = 32
@@ -81,7 +81,7 @@ def random_spec(rng: random.Random) -> ShapeSpec:
     )
 
 
-def draw(spec: ShapeSpec, rng: random.Random | None = None, resolution: int = RESOLUTION) -> Image.Image:
+def render_shape(spec: ShapeSpec, rng: random.Random | None = None, resolution: int = RESOLUTION) -> Image.Image:
     """Render one shape on the plain background.
 
     Drawn 8x larger and scaled down, so the edges are anti-aliased like a photo's and the VAE
@@ -110,6 +110,11 @@ def draw(spec: ShapeSpec, rng: random.Random | None = None, resolution: int = RE
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
+# The old name, kept only until notebooks 05 and 07, tests/test_evaluate.py and tests/test_generate.py
+# import `render_shape`; `ipa_lab.train.draw` (one step's random draws) is another thing entirely.
+draw = render_shape
+
+
 def make_shapes_dataset(root: str | os.PathLike, n_train: int = 4000, n_val: int = 512, seed: int = 0) -> Path:
     """Write the shapes data set in the original training format into `root`.
 
@@ -123,7 +128,7 @@ def make_shapes_dataset(root: str | os.PathLike, n_train: int = 4000, n_val: int
         for i in range(n):
             spec = random_spec(rng)
             name = f"images/{split}_{i:05d}.png"
-            draw(spec, rng).save(root / name, optimize=True)
+            render_shape(spec, rng).save(root / name, optimize=True)
             rows.append({"image_file": name, "text": spec.caption})
         (root / f"{split}.json").write_text(json.dumps(rows, indent=0) + "\n")
     return root
@@ -134,7 +139,13 @@ def read_records(json_file: str | os.PathLike) -> list[dict]:
     path = Path(json_file)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}; expected a JSON list of {{'image_file', 'text'}} entries")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:  # say where, so a hand-edited file is quick to fix
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; expected a "
+                         "JSON list of {'image_file': ..., 'text': ...} entries") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); JSON files are UTF-8") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of {{'image_file': ..., 'text': ...}} entries")
     for i, r in enumerate(records):
@@ -143,9 +154,41 @@ def read_records(json_file: str | os.PathLike) -> list[dict]:
     return records
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB, its transparent parts white.
+
+    `.convert("RGB")` alone drops the alpha channel, and what is left under a transparent pixel is
+    often black: a cut-out logo would train as a shape on a black square. Compositing onto white
+    first shows the image as a viewer shows it (RGBA, LA, PA, and P or L with a transparent colour).
+    """
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB (transparent parts white, see `to_rgb`), fully read.
+
+    Raises FileNotFoundError if there is no file, and ValueError naming the file if PIL cannot
+    read it (not an image, a truncated or corrupt one).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, inside the try, not later
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL reports a broken PNG chunk as SyntaxError and a truncated file as OSError
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e}); expected a PNG, JPEG "
+                         "or another format PIL opens") from e
+
+
 def to_unet_pixels(image: Image.Image, resolution: int = RESOLUTION) -> torch.Tensor:
     """The VAE's input, as in the original: resize the short side, centre crop, scale to [-1, 1]."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     if (w, h) != (resolution, resolution):
@@ -170,7 +213,8 @@ class IPAdapterDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist; expected a folder with {split}.json and its images")
-        self.records = read_records(self.root / f"{split}.json")
+        self.json_file = self.root / f"{split}.json"
+        self.records = read_records(self.json_file)
         self.image_processor = image_processor
         self.resolution = resolution
 
@@ -178,11 +222,14 @@ class IPAdapterDataset(Dataset):
         return len(self.records)
 
     def image(self, i: int) -> Image.Image:
+        """Entry `i`'s image in RGB; an error names the entry and its file."""
         path = self.root / self.records[i]["image_file"]
         try:
-            return Image.open(path).convert("RGB")
+            return load_rgb(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"entry {i} of {self.root} names {path}, which does not exist") from None
+        except ValueError as e:  # load_rgb's message names the file and why; add which entry
+            raise ValueError(f"entry {i} of {self.json_file}: {e}") from e.__cause__
 
     def __getitem__(self, i: int) -> dict:
         image = self.image(i)

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
-from ipa_lab.data import (COLOURS, SHAPES, IPAdapterDataset, ShapeSpec, draw, make_shapes_dataset, parse_caption,
-                          read_records)
+from ipa_lab.data import (COLOURS, SHAPES, IPAdapterDataset, ShapeSpec, load_rgb, make_shapes_dataset, parse_caption,
+                          read_records, render_shape, to_unet_pixels)
 from ipa_lab.evaluate import classify
 from ipa_lab.pipeline import REPO_ROOT
 from ipa_lab.pretrain import caption_words, image_processor
@@ -33,7 +34,7 @@ def test_shipped_data_set_is_in_the_original_format_and_small():
 def test_captions_round_trip_and_the_classifier_reads_them():
     spec = ShapeSpec("cyan", "triangle", "bottom right", "large")
     assert parse_caption(spec.caption) == spec
-    assert classify(draw(spec)) == spec.as_dict()
+    assert classify(render_shape(spec)) == spec.as_dict()
     with pytest.raises(ValueError, match="not a shapes caption"):
         parse_caption("a big orange star")
 
@@ -56,6 +57,66 @@ def test_dataset_errors_name_the_problem(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([{"image_file": "x.png", "text": "a"}]))
     with pytest.raises(FileNotFoundError, match="x.png"):
         IPAdapterDataset(tmp_path)[0]
+
+
+def _one_entry_dataset(root, image_bytes: bytes, name: str = "x.png"):
+    """A folder whose train.json names one file holding `image_bytes`."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "images" / name).write_bytes(image_bytes)
+    (root / "train.json").write_text(json.dumps([{"image_file": f"images/{name}", "text": "a"}]))
+    return IPAdapterDataset(root)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_file_that_is_not_an_image_names_the_file_and_the_entry(tmp_path):
+    ds = _one_entry_dataset(tmp_path, b"this is a caption, not a picture")
+    with pytest.raises(ValueError, match=r"entry 0 of .*train\.json: .*images/x\.png is not a readable image"):
+        ds[0]
+
+
+def test_a_truncated_image_names_the_file_and_the_entry(tmp_path):
+    png = _png_bytes(render_shape(ShapeSpec("red", "circle", "top left", "small")))
+    ds = _one_entry_dataset(tmp_path, png[: len(png) // 2])
+    with pytest.raises(ValueError, match=r"entry 0 of .*x\.png is not a readable image"):
+        ds[0]
+
+
+def test_invalid_json_names_the_file_line_and_column(tmp_path):
+    (tmp_path / "train.json").write_text('[\n  {"image_file": "a.png", "text": "a"},\n  {"image_file": "b.png" "text": "b"}\n]\n')
+    with pytest.raises(ValueError, match=r"train\.json is not valid JSON: .* at line 3, column 26"):
+        read_records(tmp_path / "train.json")
+    with pytest.raises(ValueError, match="line 3, column 26"):
+        IPAdapterDataset(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_load_as_white_not_black(tmp_path, mode):
+    # left half: fully transparent (black underneath); right half: opaque black
+    rgba = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (2, 0, 4, 2))
+    image = rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "P":  # a palette image marks one palette index as transparent
+        image.info["transparency"] = image.getpixel((0, 0))
+    path = tmp_path / f"{mode}.png"
+    image.save(path)
+    got = load_rgb(path)
+    assert got.mode == "RGB"
+    assert got.getpixel((0, 0)) == (255, 255, 255) and got.getpixel((3, 1)) == (0, 0, 0)
+
+
+def test_half_transparent_pixels_are_blended_with_white_in_the_dataset(tmp_path):
+    image = Image.new("RGBA", (32, 32), (200, 0, 0, 128))
+    ds = _one_entry_dataset(tmp_path, _png_bytes(image))
+    assert ds.image(0).getpixel((5, 5)) == pytest.approx((227, 127, 127), abs=1)
+    assert torch.allclose(ds[0]["pixel_values"], to_unet_pixels(ds.image(0)))
+    assert to_unet_pixels(Image.new("RGBA", (32, 32), (0, 0, 0, 0))).min() == 1.0  # white, not black
 
 
 def test_toy_tokenizer_keeps_every_caption_word_whole():
