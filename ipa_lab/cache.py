@@ -51,16 +51,25 @@ def distinct(values) -> tuple[list, np.ndarray]:
     return list(rows), ids
 
 
+def first_rows(ids: np.ndarray) -> np.ndarray:
+    """Where each distinct value first appears: ids are numbered in order of first appearance,
+    so a new one is exactly an id above every id before it."""
+    new = np.ones(len(ids), dtype=bool)
+    new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(new)
+
+
 def cache_key(bb, dataset, variant: str) -> str:
     """What the cached numbers depend on: the data, the encoders, the variant, the resolution.
 
-    The data enter by the bytes of their JSON file (an image changed in place, under the same
-    name, is not noticed: delete the cache folder then); the encoders by their class, dtype,
-    every parameter's shape and the values of a few parameters (cheap at any size)."""
+    The data enter by their records (an image changed in place, under the same name, is not
+    noticed: delete the cache folder then); the encoders by their class, dtype, every
+    parameter's shape and the values of a few parameters (cheap at any size)."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, "variant": variant, "resolution": dataset.resolution,
-                         "records": len(dataset)}).encode())
-    h.update(Path(dataset.json_file).read_bytes())
+                         "records": len(dataset), "root": str(Path(dataset.root).resolve())}).encode())
+    for r in dataset.records:
+        h.update(f"{r['image_file']}\0{r['text']}\0".encode())
     for model in (bb.vae, bb.text_encoder, bb.image_encoder):
         params = list(model.parameters())
         h.update(f"{type(model).__name__} {params[0].dtype} {[tuple(p.shape) for p in params]}".encode())
@@ -72,16 +81,18 @@ def cache_key(bb, dataset, variant: str) -> str:
 
 
 class _ImageFiles(Dataset):
-    """Each distinct image file once, with the two preprocessings the encoders need."""
+    """Each distinct image once (by the first record that names it), preprocessed for the VAE
+    and for the image encoder."""
 
-    def __init__(self, dataset, files: list[str]):
-        self.dataset, self.files = dataset, files
+    def __init__(self, dataset, records: np.ndarray):
+        self.dataset, self.records = dataset, records
 
     def __len__(self):
-        return len(self.files)
+        return len(self.records)
 
     def __getitem__(self, i):
-        return self.dataset.load_pixels(self.files[i])
+        item = self.dataset[int(self.records[i])]
+        return {"pixel_values": item["pixel_values"], "clip_pixel_values": item["clip_pixel_values"]}
 
 
 class _NpyWriter:
@@ -162,7 +173,7 @@ def cache_size(bb, dataset, variant: str) -> tuple[CacheSize, dict]:
     """Count distinct captions and images and probe the encoders once: the size before building."""
     captions, _ = distinct([r["text"] for r in dataset.records])
     files, _ = distinct([r["image_file"] for r in dataset.records])
-    probe = dataset.load_pixels(files[0])
+    probe = dataset[0]
     with torch.no_grad():
         latent = bb.vae.encode(probe["pixel_values"][None].to(bb.vae.device, bb.vae.dtype)).latent_dist.mean
         feature = image_features(bb.image_encoder, probe["clip_pixel_values"][None], variant == "plus")
@@ -204,7 +215,7 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
         _save_npy(folder / "empty_text.npy", encode_text(bb.tokenizer, bb.text_encoder, [""]).float().cpu().numpy())
         writers = {k: _NpyWriter(folder / f"{k}.npy", shapes[k], np.float32) for k in ("latent_mean", "latent_std", "image")}
         sf = bb.vae.config.scaling_factor
-        loader = DataLoader(_ImageFiles(dataset, files), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(_ImageFiles(dataset, first_rows(image_ids)), batch_size=batch_size, num_workers=num_workers)
         for batch in loader:
             post = bb.vae.encode(batch["pixel_values"].to(bb.vae.device, bb.vae.dtype)).latent_dist
             writers["latent_mean"].write(post.mean.float() * sf)

@@ -105,7 +105,7 @@ def preflight(cfg: TrainConfig, check_model: bool = True) -> list[str]:
     if existing and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"{out} already holds a training run ({', '.join(existing)}): pass --resume to "
                               "continue it, --overwrite to replace it, or choose another --output")
-    if cfg.resume and not (out / "training_state.pt").is_file():
+    if cfg.resume and not existing:  # leftovers of a run killed before its first checkpoint restart it
         raise FileNotFoundError(f"--resume: no checkpoint to resume from at {out / 'training_state.pt'}")
     data = Path(cfg.data)
     if not data.is_dir():

@@ -386,6 +386,10 @@ class Trainer:
         Refuses, listing every difference, when this run's settings would change the result."""
         path = self.output / "training_state.pt"
         if not path.is_file():
+            if any((self.output / name).exists() for name in RUN_FILES):
+                if self.log:  # killed before its first checkpoint was complete: nothing to lose
+                    self.log(f"--resume: {self.output} holds no complete checkpoint yet; starting at step 0")
+                return
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {path}")
         state = load_state(path, map_location=self.device)
         missing = {"step", "config", "optimizer", "image_proj", "ip_adapter", "losses"} - set(state)
