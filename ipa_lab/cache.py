@@ -125,6 +125,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
+def _open_npy(path: Path) -> np.ndarray:
+    """Memory-map one array of the cache; never unpickle (an object array is refused)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read the encoder cache file {path} ({e}); it is damaged or not an array of "
+                         f"numbers (objects, which would need unpickling, are refused): delete {path.parent} "
+                         "and it is rebuilt") from None
+
+
 @dataclass
 class CacheSize:
     captions: int
@@ -145,7 +155,7 @@ class EncoderCache:
     def __init__(self, folder: str | os.PathLike, device):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
-        load = lambda name: np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
+        load = lambda name: _open_npy(self.folder / f"{name}.npy")  # noqa: E731
         self.text, self.caption_ids = load("text"), np.asarray(load("caption_ids"))
         self.mean, self.std, self.image = load("latent_mean"), load("latent_std"), load("image")
         self.image_ids = np.asarray(load("image_ids"))
@@ -180,7 +190,8 @@ def cache_size(bb, dataset, variant: str) -> tuple[CacheSize, dict]:
         text = encode_text(bb.tokenizer, bb.text_encoder, [""])
     shapes = {"text": (len(captions), *text.shape[1:]), "latent_mean": (len(files), *latent.shape[1:]),
               "latent_std": (len(files), *latent.shape[1:]), "image": (len(files), *feature.shape[1:]),
-              "caption_ids": (len(dataset),), "image_ids": (len(dataset),)}
+              "caption_ids": (len(dataset),), "image_ids": (len(dataset),),
+              "empty_text": (1, *text.shape[1:]), "uncond_image": (1, *feature.shape[1:])}
     itemsize = {"caption_ids": 8, "image_ids": 8}
     total = sum(int(np.prod(s)) * itemsize.get(k, 4) for k, s in shapes.items())
     return CacheSize(len(captions), len(files), len(dataset), total), shapes
