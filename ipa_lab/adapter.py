@@ -1,11 +1,16 @@
-"""Put IP-Adapter into a UNet, freeze the rest, and count what trains.
+"""Put IP-Adapter into a UNet, find it there again, freeze the rest, and count what trains.
 
 `install_ip_adapter` walks `unet.attn_processors` (one entry per Attention layer, named like
 `down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor`): self-attention layers
 (`attn1`) get a weightless `AttnProcessor`, cross-attention layers (`attn2`) get an
 `IPAttnProcessor` whose `to_k_ip`/`to_v_ip` start as copies of that layer's `to_k`/`to_v`.
 The returned `nn.ModuleList` is the original's `adapter_modules`: what the optimizer trains
-and what the checkpoint stores, next to the image projection.
+and what the checkpoint stores, next to the image projection. `ip_processors` finds the
+adapter's processors in a UNet again (ours, or the ones diffusers' `load_ip_adapter` installs).
+
+Counting: `count_parameters` for any module, `parameter_table` (+ `format_parameter_table`)
+for where the parameters sit, and `count_ip_adapter_parameters` for what IP-Adapter trains on
+a real architecture (SD 1.5, SDXL), built from `ipa_lab.configs` on the meta device.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ import torch
 from torch import nn
 
 from .attention import AttnProcessor, IPAttnProcessor
+from .configs import build_unet, load_config
+from .projection import build_image_projection
+from .tables import format_table
 
 _SUFFIX = ".processor"
 
@@ -63,6 +71,12 @@ def _is_ip_processor(processor) -> bool:
     return isinstance(processor, IPAttnProcessor) or "IPAdapter" in type(processor).__name__
 
 
+def ip_processors(unet) -> dict:
+    """The UNet's IP-Adapter processors by name: ours (`IPAttnProcessor`), or diffusers' own
+    `IPAdapterAttnProcessor*` (what `pipe.load_ip_adapter` installs). Empty without an adapter."""
+    return {name: p for name, p in unet.attn_processors.items() if _is_ip_processor(p)}
+
+
 def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0) -> nn.ModuleList:
     """Replace every attention processor of `unet`; return them all as `adapter_modules`.
 
@@ -76,7 +90,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0)
     indices of the checkpoint (`1.to_k_ip.weight`, `3.to_k_ip.weight`, ...).
     """
     processors = unet.attn_processors
-    already = [n for n, p in processors.items() if _is_ip_processor(p)]
+    already = list(ip_processors(unet))
     if already:
         raise RuntimeError(
             f"this UNet already has IP-Adapter processors ({len(already)} of them, e.g. {already[0]!r}); "
@@ -137,6 +151,29 @@ def freeze(*modules: nn.Module) -> None:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (each shared tensor once); only those with requires_grad if asked."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_ip_adapter_parameters(unet_config_name: str = "sd15_unet",
+                                image_encoder_name: str = "clip_vit_h14_vision",
+                                variant: str = "base", num_tokens: int | None = None) -> dict[str, int]:
+    """What IP-Adapter trains on a real architecture, counted on the meta device.
+
+    The UNet and the projection are built from `ipa_lab.configs` with shapes only (no memory,
+    no download). Returns {'projection', 'adapter', 'total', 'cross_attention_layers', 'unet'};
+    e.g. SD 1.5 + ViT-H base: projection 3,150,336 + adapter 19,169,280 = total 22,319,616.
+    """
+    unet = build_unet(unet_config_name)
+    unet_size = count_parameters(unet)
+    default_tokens = 16 if variant == "plus" else 4
+    adapter = install_ip_adapter(unet, num_tokens=num_tokens or default_tokens)
+    with torch.device("meta"):
+        projection = build_image_projection(load_config(unet_config_name), load_config(image_encoder_name),
+                                            variant, num_tokens)
+    counts = {"projection": count_parameters(projection), "adapter": count_parameters(adapter)}
+    counts["total"] = counts["projection"] + counts["adapter"]
+    counts["cross_attention_layers"] = sum(1 for m in adapter if count_parameters(m) > 0)
+    counts["unet"] = unet_size
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,28 +260,13 @@ def parameter_table(image_proj_model: nn.Module, adapter_modules, backbone: Mapp
     return rows
 
 
-def format_table(rows: list[ParamRow]) -> str:
-    """An aligned plain-text table of `parameter_table` rows, numbers with thousands separators."""
-    header = ("component", "block", "width", "layers", "parameters", "trainable")
+def format_parameter_table(rows: list[ParamRow]) -> str:
+    """`parameter_table` rows as an aligned plain-text table, counts with thousands separators.
 
-    def cell(value, separators: bool = True) -> str:
-        return "-" if value is None else f"{value:,}" if separators else str(value)
-
-    body = [(r.component, r.block, cell(r.width, False), cell(r.layers), cell(r.count), cell(r.trainable))
-            for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    left = {0, 1}  # text columns left-aligned, numbers right-aligned
-
-    def fmt(line) -> str:
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(line, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [fmt(header), rule]
-    for row, line in zip(rows, body):
-        if row.kind != "part" and lines[-1] != rule:  # sums stand apart from the rows they add up
-            lines.append(rule)
-        lines.append(fmt(line))
-        if row.kind == "subtotal":
-            lines.append(rule)
-    return "\n".join(lines)
+    Sums (the adapter's subtotal, the total) are ruled off from the rows they add up.
+    """
+    cells = [{"component": r.component, "block": r.block, "width": r.width, "layers": r.layers,
+              "parameters": r.count, "trainable": r.trainable} for r in rows]
+    rules = {i for i, r in enumerate(rows) if r.kind != "part"}
+    rules |= {i + 1 for i, r in enumerate(rows) if r.kind == "subtotal"}
+    return format_table(cells, formats={"layers": ",", "parameters": ",", "trainable": ","}, rules=rules)

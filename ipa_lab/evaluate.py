@@ -1,23 +1,17 @@
-"""Measure what a picture shows: a pixel classifier for the shapes data, and the course's scores.
+"""The evaluation protocol: what to generate, what to score, and the command line (notebook 5).
 
-The classifier reads colour, shape, position and size from pixels alone (no learned model), so
-"the adapter carried the colour of the prompt" becomes a number anyone can check by hand:
-- foreground = pixels far from the plain background;
-- colour   = nearest palette colour to the median of the clearly coloured pixels;
-- position = quadrant of the foreground's centre of mass;
-- size     = foreground area against the midpoint of the small and large areas;
-- shape    = how much of its bounding box the shape fills (square ~1, circle ~0.79, triangle ~0.5).
-
-On top of it, the course's miniature of the paper's Table 1 (notebook 5): for validation images
-used as prompts, generate under four conditions (no prompt / text only / image only / text +
-image) and score each sample by
+The course's miniature of the paper's Table 1: for validation images used as prompts, generate
+under four conditions (no prompt / text only / image only / text + image) and score each sample
+with `ipa_lab.metrics`:
 - attribute agreement: does the sample show the colour, shape, position, size of the reference
-  (the prompt image's, which are also its caption's in this data set)?
+  (the prompt image's, which are also its caption's in this data set)? (`classify`, `agreement`)
 - CLIP-I: cosine similarity of the scoring CLIP's image embeddings, sample vs prompt image;
 - CLIP-T: cosine similarity of the sample's embedding with the caption's text embedding
   (the paper scores with CLIP ViT-L/14; we use the toy CLIP in data/toy-clip).
-And the backbone's own quality, so that the adapter's numbers can be read against it:
-text-to-image agreement, the VAE's reconstruction PSNR, the scoring CLIP's caption retrieval.
+`scale_sweep` scores the image prompt alone as lambda goes from 0 to 1. And the backbone's own
+quality, so that the adapter's numbers can be read against it: text-to-image agreement, the
+VAE's reconstruction PSNR, the scoring CLIP's caption retrieval. Tables print with
+`ipa_lab.tables.format_table`.
 
     python -m ipa_lab.evaluate --checkpoint runs/base/ip_adapter.safetensors [--n 64] [--via diffusers]
     python -m ipa_lab.evaluate --backbone
@@ -34,87 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, images_to_tensor, parse_caption
-
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-_NAMES = list(COLOURS)
-_FILL = {"circle": np.pi / 4, "square": 0.85**2, "triangle": 0.5}  # area / extent**2, as drawn
-
-
-def _as_array(image) -> np.ndarray:
-    """PIL image, (3,H,W) tensor in [-1,1], or (H,W,3) uint8 array -> (H,W,3) float32 in [0,255]."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32)
-    if isinstance(image, torch.Tensor):
-        x = image.detach().float().cpu()
-        if x.ndim != 3 or x.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) tensor in [-1, 1], got shape {tuple(x.shape)}")
-        return ((x.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
-    a = np.asarray(image, dtype=np.float32)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {a.shape}")
-    return a
-
-
-def classify(image) -> dict:
-    """Name the colour, shape, position and size of the one shape in `image`.
-
-    Returns a dict with those four keys; each value is None when no shape is visible.
-    """
-    a = _as_array(image)
-    h, w, _ = a.shape
-    dist = np.linalg.norm(a - np.array(BACKGROUND, dtype=np.float32), axis=2)
-    mask = dist > 60
-    if mask.sum() < 4:
-        return {"colour": None, "shape": None, "position": None, "size": None}
-    core = dist > 0.6 * dist.max()
-    rgb = np.median(a[core], axis=0)
-    colour = _NAMES[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=1)))]
-    ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean() / h, xs.mean() / w
-    position = f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}"
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    # The drawn shape's area (fraction of the image) at each size, for the shape just found.
-    area = {k: _FILL[shape] * v**2 for k, v in SIZES.items()}
-    size = "small" if mask.sum() / (h * w) < (area["small"] + area["large"]) / 2 else "large"
-    return {"colour": colour, "shape": shape, "position": position, "size": size}
-
-
-def agreement(predicted: list[dict], expected: list[dict], attributes=("colour", "shape", "position", "size")) -> dict:
-    """Fraction of images whose classified attribute equals the expected one, per attribute."""
-    if len(predicted) != len(expected):
-        raise ValueError(f"{len(predicted)} predictions for {len(expected)} expectations")
-    return {a: float(np.mean([p[a] == e[a] for p, e in zip(predicted, expected)])) for a in attributes}
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring with the toy CLIP (CLIP-I, CLIP-T)
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def clip_image_embeds(clip, processor, images, batch_size: int = 256) -> torch.Tensor:
-    """Unit-length projected image embeddings of the scoring CLIP, (N, projection_dim)."""
-    device = next(clip.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        pixels = processor(images=list(images[i : i + batch_size]), return_tensors="pt").pixel_values
-        out.append(clip.get_image_features(pixel_values=pixels.to(device)).pooler_output.float().cpu())
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
-
-
-@torch.no_grad()
-def clip_text_embeds(clip, tokenizer, texts, batch_size: int = 256) -> torch.Tensor:
-    """Unit-length projected text embeddings of the scoring CLIP, (N, projection_dim).
-
-    Padded to the tokenizer's full length, as the toy CLIP was trained.
-    """
-    device = next(clip.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids = tokenizer(list(texts[i : i + batch_size]), padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        out.append(clip.get_text_features(input_ids=ids.to(device)).pooler_output.float().cpu())
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+from .checkpoint import read_checkpoint
+from .data import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, images_to_tensor, parse_caption, read_records
+from .diffusers_path import generate_with_diffusers
+from .generate import DEFAULT_GUIDANCE_SCALE, generate, load_adapter, plain_attention, sample_generators
+from .metrics import agreement, classify, clip_image_embeds, clip_score, clip_text_embeds
+from .pipeline import REPO_ROOT, TOY_CLIP, TOY_SD, load_pipeline, load_scoring_clip
+from .runtime import setup
+from .tables import format_table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +57,6 @@ def _load_prompts(records, root, n):
 
 def _sampler(pipe, image_proj_model, via: str, checkpoint, num_samples: int, steps: int, guidance_scale: float):
     """A function (images or None, prompts, seed, scale) -> PIL samples, through our code or diffusers'."""
-    from .generate import generate, generate_with_diffusers
-
     common = dict(num_samples=num_samples, num_inference_steps=steps, guidance_scale=guidance_scale)
     if via == "ours":
         if image_proj_model is None:
@@ -164,14 +83,16 @@ def _batched(sample, images, prompts, seed: int, scale: float, num_samples: int,
 
 
 def _scores(samples, expected, num_samples, prompt_embeds=None, caption_embeds=None, clip=None) -> dict:
-    """Agreement per attribute, and CLIP-I / CLIP-T when a scoring CLIP is given."""
+    """Agreement per attribute; with a scoring CLIP, CLIP-I (needs prompt_embeds) and CLIP-T
+    (needs caption_embeds). Sample k of prompt i is scored against prompt i's references."""
     expected = [e for e in expected for _ in range(num_samples)]
     row = agreement([classify(s) for s in samples], expected)
     if clip is not None:
         model, _, processor = clip
         emb = clip_image_embeds(model, processor, samples)
-        row["clip_i"] = float((emb * prompt_embeds.repeat_interleave(num_samples, 0)).sum(-1).mean())
-        row["clip_t"] = float((emb * caption_embeds.repeat_interleave(num_samples, 0)).sum(-1).mean())
+        row["clip_i"] = clip_score(emb, prompt_embeds.repeat_interleave(num_samples, 0))
+        if caption_embeds is not None:
+            row["clip_t"] = clip_score(emb, caption_embeds.repeat_interleave(num_samples, 0))
     return row
 
 
@@ -188,8 +109,6 @@ def evaluate(pipe, image_proj_model, records, root, clip=None, n: int | None = 6
     via="diffusers" generates through diffusers' `load_ip_adapter` (then pass `checkpoint`).
     Returns [{"condition", "colour", "shape", "position", "size", ("clip_i", "clip_t")}, ...].
     """
-    from .generate import DEFAULT_GUIDANCE_SCALE
-
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     images, captions, expected = _load_prompts(records, root, n)
     empty = [""] * len(captions)
@@ -200,8 +119,6 @@ def evaluate(pipe, image_proj_model, records, root, clip=None, n: int | None = 6
         prompt_embeds = clip_image_embeds(clip[0], clip[2], images)
         caption_embeds = clip_text_embeds(clip[0], clip[1], captions)
     if via == "diffusers" and checkpoint is not None:
-        from .generate import read_checkpoint
-
         checkpoint = read_checkpoint(checkpoint)  # read the file once, not once per batch
     sample = _sampler(pipe, image_proj_model, via, checkpoint, num_samples, steps, guidance_scale)
     rows = []
@@ -222,57 +139,16 @@ def scale_sweep(pipe, image_proj_model, records, root, scales=(0.0, 0.25, 0.5, 0
     scale is what the image branch contributes. Same noise at every scale.
     Returns [{"scale", "colour", "shape", "position", "size", ("clip_i")}, ...].
     """
-    from .generate import DEFAULT_GUIDANCE_SCALE, generate
-
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     images, captions, expected = _load_prompts(records, root, n)
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     prompt_embeds = clip_image_embeds(clip[0], clip[2], images) if clip is not None else None
-
-    def sample(chunk, chunk_prompts, chunk_seed, scale):
-        return generate(pipe, image_proj_model, chunk, chunk_prompts, scale=scale, seed=chunk_seed,
-                        num_samples=num_samples, num_inference_steps=steps, guidance_scale=guidance_scale)
-
+    sample = _sampler(pipe, image_proj_model, "ours", None, num_samples, steps, guidance_scale)
     rows = []
     for scale in scales:
         samples = _batched(sample, images, prompts, seed, scale, num_samples, batch_size)
-        row = {"scale": float(scale), **agreement([classify(s) for s in samples],
-                                                  [e for e in expected for _ in range(num_samples)])}
-        if clip is not None:
-            emb = clip_image_embeds(clip[0], clip[2], samples)
-            row["clip_i"] = float((emb * prompt_embeds.repeat_interleave(num_samples, 0)).sum(-1).mean())
-        rows.append(row)
+        rows.append({"scale": float(scale), **_scores(samples, expected, num_samples, prompt_embeds, None, clip)})
     return rows
-
-
-def format_table(rows: list[dict], digits: int = 3) -> str:
-    """An aligned plain-text table of dict rows: text left, numbers right, floats rounded.
-
-    Deterministic (same rows, same string), so notebooks can print it under nbval.
-    Columns are the keys in first-seen order; a missing value prints as "-".
-    """
-    if not rows:
-        return "(no rows)"
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, (bool, np.bool_)):
-            return str(bool(value))
-        if isinstance(value, (float, np.floating)):
-            return f"{float(value):.{digits}f}"
-        return str(value)
-
-    body = [[cell(row.get(c)) for c in columns] for row in rows]
-    numeric = [all(isinstance(row.get(c), (int, float, np.number)) and not isinstance(row.get(c), bool)
-                   for row in rows if row.get(c) is not None) for c in columns]
-    widths = [max(len(line[i]) for line in [columns, *body]) for i in range(len(columns))]
-
-    def fmt(line) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(line, widths, numeric)).rstrip()
-
-    return "\n".join([fmt(columns), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,8 +162,6 @@ def text_to_image_scores(pipe, records, n: int | None = 64, num_samples: int = 1
     Any adapter in `pipe.unet` is set aside for the measurement (`plain_attention`).
     Returns {"colour", "shape", "position", "size"} as fractions of the samples.
     """
-    from .generate import DEFAULT_GUIDANCE_SCALE, plain_attention, sample_generators
-
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     captions = [r["text"] for r in list(records)[: n if n is not None else len(records)]]
     per_call = max(1, batch_size // num_samples)
@@ -345,8 +219,6 @@ def retrieval_top1(clip, records, root, n: int | None = None) -> dict:
 
 def generation_seconds(pipe, n: int = 32, steps: int = 25, guidance_scale: float | None = None) -> float:
     """Wall-clock seconds to sample n images from text at `steps` steps (one warm-up call first)."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, plain_attention
-
     guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     prompts = [c for c, _ in zip(itertools.cycle(all_captions()), range(n))]
     with plain_attention(pipe.unet):
@@ -361,9 +233,6 @@ def generation_seconds(pipe, n: int = 32, steps: int = 25, guidance_scale: float
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _parse_args(argv=None):
-    from .generate import DEFAULT_GUIDANCE_SCALE
-    from .pipeline import REPO_ROOT, TOY_CLIP, TOY_SD
-
     p = argparse.ArgumentParser(prog="python -m ipa_lab.evaluate",
                                 description="Score an IP-Adapter checkpoint (or, with --backbone, the toy model itself).")
     p.add_argument("--model", default=str(TOY_SD), help="Stable Diffusion pipeline folder (default: data/toy-sd)")
@@ -397,11 +266,6 @@ def _round(d: dict, digits: int = 3) -> dict:
 
 
 def main(argv=None) -> None:
-    from .data import read_records
-    from .generate import load_adapter
-    from .pipeline import load_pipeline, load_scoring_clip
-    from .runtime import setup
-
     args = _parse_args(argv)
     device = setup(args.seed, args.device)
     pipe = load_pipeline(args.model, device=device)

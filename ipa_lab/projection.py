@@ -11,6 +11,10 @@ small module that maps the image encoder's output to a few extra tokens:
 
 Parameter names follow the original implementation (tencent-ailab/IP-Adapter) on purpose: the
 checkpoints these modules save then load in the original code and in diffusers' converters.
+
+Around them: `num_tokens_of` (how many tokens a projection makes: what the processors must cut
+off), `is_plus`, and `build_image_projection` (the projection for a UNet and an image encoder,
+from their configs: how training builds it, and how the course sizes the real SD 1.5 / SDXL).
 """
 from __future__ import annotations
 
@@ -40,12 +44,13 @@ class ImageProjModel(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Map (batch, clip_embeddings_dim) image embeddings to (batch, tokens, cross_attention_dim)."""
-        if image_embeds.shape[-1] != self.clip_embeddings_dim:
+        # Checked up front: the reshape below would silently turn a (2, 5, D) input into 10 images.
+        if image_embeds.ndim != 2 or image_embeds.shape[-1] != self.clip_embeddings_dim:
             raise ValueError(
-                f"ImageProjModel expects image embeddings {self.clip_embeddings_dim} wide (the image "
-                f"encoder's projection_dim), got last dimension {image_embeds.shape[-1]} "
-                f"(input shape {tuple(image_embeds.shape)}). Pass `image_embeds` of "
-                "CLIPVisionModelWithProjection, or build ImageProjModel with the matching clip_embeddings_dim."
+                f"ImageProjModel expects image embeddings of shape (batch, {self.clip_embeddings_dim}): one "
+                f"embedding {self.clip_embeddings_dim} wide (the image encoder's projection_dim) per image; got "
+                f"shape {tuple(image_embeds.shape)} (last dimension {image_embeds.shape[-1]}). Pass `image_embeds` "
+                "of CLIPVisionModelWithProjection, or build ImageProjModel with the matching clip_embeddings_dim."
             )
         tokens = self.proj(image_embeds)
         # One long vector per image -> a short sequence of tokens, each as wide as a text token.
@@ -153,3 +158,46 @@ class Resampler(nn.Module):
             latents = attn(x, latents) + latents  # residual around attention
             latents = ff(latents) + latents  # and around the MLP
         return self.norm_out(self.proj_out(latents))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a projection reads and makes, and how to build one for a given UNet and image encoder
+# ---------------------------------------------------------------------------------------------
+def num_tokens_of(image_proj_model: nn.Module) -> int:
+    """How many image tokens the projection produces (4 for the base model, 16 for Plus).
+
+    The processors must take exactly this many tokens off the end of the encoder states
+    (`IPAttnProcessor.num_tokens`), or they would cut text and image at the wrong place.
+    """
+    if hasattr(image_proj_model, "clip_extra_context_tokens"):  # ImageProjModel
+        return int(image_proj_model.clip_extra_context_tokens)
+    if isinstance(getattr(image_proj_model, "latents", None), torch.Tensor):  # Resampler: one token per query
+        return int(image_proj_model.latents.shape[1])
+    raise TypeError(f"cannot tell how many tokens a {type(image_proj_model).__name__} makes: expected an "
+                    "ImageProjModel (clip_extra_context_tokens) or a Resampler (latents)")
+
+
+def is_plus(image_proj_model: nn.Module) -> bool:
+    """Plus (Resampler) reads the encoder's patch features; the base model its pooled embedding."""
+    return isinstance(image_proj_model, Resampler)
+
+
+def build_image_projection(unet_config: dict, encoder_config: dict, variant: str = "base",
+                           num_tokens: int | None = None) -> nn.Module:
+    """The projection IP-Adapter would train for this UNet and image encoder (their config dicts).
+
+    base: ImageProjModel(projection_dim -> num_tokens (4) x cross_attention_dim).
+    plus: Resampler(depth 4, dim_head 64, num_tokens (16) queries) reading the encoder's
+    hidden states; dim = cross_attention_dim for SD 1.5 (768, 12 heads) and 1280 (20 heads)
+    for SDXL, as in the original IPAdapterPlus / IPAdapterPlusXL.
+    Built on the current default device: inside `with torch.device("meta")` it costs no memory.
+    """
+    cross_dim = unet_config["cross_attention_dim"]
+    if variant == "base":
+        return ImageProjModel(cross_attention_dim=cross_dim, clip_embeddings_dim=encoder_config["projection_dim"],
+                              clip_extra_context_tokens=num_tokens or 4)
+    if variant == "plus":
+        dim = cross_dim if cross_dim <= 1024 else 1280
+        return Resampler(dim=dim, depth=4, dim_head=64, heads=dim // 64, num_queries=num_tokens or 16,
+                         embedding_dim=encoder_config["hidden_size"], output_dim=cross_dim, ff_mult=4)
+    raise ValueError(f"unknown variant {variant!r}: use 'base' or 'plus'")

@@ -11,10 +11,11 @@ from ipa_lab import (
     ImageProjModel,
     IPAttnProcessor,
     count_parameters,
-    format_table,
+    format_parameter_table,
     freeze,
     hidden_size_of,
     install_ip_adapter,
+    ip_processors,
     parameter_table,
 )
 from ipa_lab.checkpoint import checkpoint_state
@@ -99,6 +100,22 @@ def test_install_twice_is_refused(toy_unet):
         install_ip_adapter(toy_unet)
 
 
+def test_ip_processors_finds_ours_and_diffusers(toy_unet):
+    """One test of "is this an IP-Adapter processor", for our install, set_scale and load_adapter alike."""
+    assert ip_processors(toy_unet) == {}
+    theirs = copy.deepcopy(toy_unet)
+    adapter = install_ip_adapter(toy_unet)
+    found = ip_processors(toy_unet)
+    assert list(found.values()) == [m for m in adapter if isinstance(m, IPAttnProcessor)]
+    assert all(name.endswith("attn2.processor") for name in found)
+    proj = ImageProjModel(CROSS_DIM, EMBED_DIM, 4)
+    theirs._load_ip_adapter_weights(checkpoint_state(proj, adapter), low_cpu_mem_usage=False)
+    assert {type(p).__name__ for p in ip_processors(theirs).values()} == {"IPAdapterAttnProcessor2_0"}
+    assert list(ip_processors(theirs)) == list(found)
+    with pytest.raises(RuntimeError, match=r"already has IP-Adapter processors \(7 of them"):
+        install_ip_adapter(theirs)  # diffusers' adapter counts too
+
+
 def test_install_needs_cross_attention():
     from diffusers import UNet2DConditionModel
 
@@ -166,6 +183,6 @@ def test_parameter_table(toy_unet, tiny_sd_parts):
     total = rows[-1]
     assert total.kind == "total" and total.trainable == count_parameters(proj) + count_parameters(adapter)
     assert total.count == sum(r.count for r in rows if r.kind == "part")
-    text = format_table(rows)
+    text = format_parameter_table(rows)
     assert f"{unet_size:,}" in text and "down_blocks.0" in text
     assert len({len(line) for line in text.splitlines() if line.startswith("-")}) == 1  # aligned rules

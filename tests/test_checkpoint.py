@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import CROSS_DIM, EMBED_DIM, HIDDEN_DIM, perturb_
+from conftest import CROSS_DIM, EMBED_DIM, HIDDEN_DIM, make_toy_unet, perturb_
 from ipa_lab import ImageProjModel, IPAttnProcessor, Resampler, install_ip_adapter, load_ip_adapter, save_ip_adapter
 from ipa_lab.checkpoint import CheckpointMismatchError, load_into
 
@@ -199,3 +199,103 @@ def test_unknown_suffix_is_refused(saved, tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no IP-Adapter checkpoint at .*nothing.safetensors"):
         load_ip_adapter(tmp_path / "nothing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not (whole) checkpoints: named, with what is wrong, not a bare library error
+# ---------------------------------------------------------------------------------------------
+def _damaged(saved_path, kind: str) -> bytes:
+    data = saved_path.read_bytes()
+    return {"empty": b"", "truncated": data[: len(data) // 2], "cut short": data[:-7], "a few bytes": data[:5],
+            "random bytes": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()),
+            "a Git LFS pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"}[kind]
+
+
+DAMAGE = {  # what the message must say about each kind of damage, per format
+    ".safetensors": {"empty": "empty", "truncated": "truncated", "cut short": "truncated", "a few bytes": "truncated",
+                     "random bytes": "not a safetensors file", "a Git LFS pointer": "Git LFS pointer"},
+    ".bin": {"empty": "empty", "truncated": "truncated", "cut short": "truncated", "a few bytes": "truncated",
+             "random bytes": "not a torch.save file", "a Git LFS pointer": "Git LFS pointer"},
+}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "cut short", "a few bytes", "random bytes", "a Git LFS pointer"])
+def test_a_damaged_file_is_named_with_what_is_wrong(toy_unet, tmp_path, suffix, kind):
+    whole = save_ip_adapter(tmp_path / f"whole{suffix}", make_projection("base"), trained_adapter(toy_unet, "base"))
+    path = tmp_path / f"damaged{suffix}"
+    path.write_bytes(_damaged(whole, kind))
+    with pytest.raises(ValueError) as info:
+        load_ip_adapter(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read the IP-Adapter checkpoint {str(path)!r}: "), message
+    assert DAMAGE[suffix][kind] in message, message
+    assert "could run arbitrary code" not in message  # damage is not a security refusal
+
+
+def test_read_checkpoint_takes_a_path_the_nested_dict_or_flat_keys(saved):
+    from ipa_lab.checkpoint import read_checkpoint
+
+    path, proj, adapter = saved
+    nested = read_checkpoint(path)
+    assert nested.keys() == {"image_proj", "ip_adapter"}
+    flat = {f"{part}.{k}": v for part, tensors in nested.items() for k, v in tensors.items()}
+    for form in (str(path), nested, flat):
+        again = read_checkpoint(form)
+        assert {p: sorted(t) for p, t in again.items()} == {p: sorted(t) for p, t in nested.items()}
+    with pytest.raises(CheckpointMismatchError, match="belong to neither part"):
+        read_checkpoint({**flat, "unet.conv.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match="no 'ip_adapter' part"):
+        read_checkpoint({k: v for k, v in flat.items() if k.startswith("image_proj.")})
+    with pytest.raises(TypeError, match="expected a checkpoint path or dict, got int"):
+        read_checkpoint(3)
+
+
+def test_a_file_with_only_one_part_is_refused_when_read(tmp_path):
+    # Before: read as {"ip_adapter": {}}, and only a later strict load (if any) noticed.
+    from safetensors.torch import save_file
+
+    path = tmp_path / "half.safetensors"
+    save_file({"image_proj.proj.weight": torch.zeros(4, 2)}, str(path))
+    with pytest.raises(CheckpointMismatchError, match=r"half\.safetensors.*no 'ip_adapter' part"):
+        load_ip_adapter(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token counts: nothing in the weights' shapes says how many image tokens the processors cut off
+# ---------------------------------------------------------------------------------------------
+def test_processors_for_another_token_count_are_refused(saved):
+    # Before: a base checkpoint (4 tokens) loaded into processors built for 16 ran, and drew wrong
+    # images: the processors took 12 text tokens as image tokens.
+    path, proj, _ = saved
+    state = load_ip_adapter(path)
+    adapter_16 = install_ip_adapter(make_toy_unet(), num_tokens=16)
+    with pytest.raises(CheckpointMismatchError, match=r"the projection makes 4 image tokens, but the processors take "
+                                                      r"the last 16.*install_ip_adapter\(unet, num_tokens=4\)"):
+        load_into(state, proj, adapter_16)
+    assert not torch.equal(adapter_16[1].to_k_ip.weight, state["ip_adapter"]["1.to_k_ip.weight"])  # nothing loaded
+
+
+def test_shape_errors_come_before_the_token_count(saved):
+    """A projection of the wrong size is reported by its shapes, not as a token mismatch."""
+    path, _, _ = saved
+    state = load_ip_adapter(path)
+    wrong = ImageProjModel(CROSS_DIM, EMBED_DIM, 16)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_into(state, wrong, install_ip_adapter(make_toy_unet(), num_tokens=4))
+    assert "proj.weight has shape (256, 32) in the checkpoint, but (1024, 32) in the model" in str(info.value)
+    assert "num_tokens" not in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_image_proj_from_state_dict_builds_and_loads_strictly(variant):
+    from ipa_lab.checkpoint import image_proj_from_state_dict
+    from ipa_lab.projection import num_tokens_of
+
+    proj = make_projection(variant)
+    state = proj.state_dict()
+    built = image_proj_from_state_dict({"image_proj": state, "ip_adapter": {}})
+    assert type(built) is type(proj) and num_tokens_of(built) == num_tokens_of(proj)
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(CheckpointMismatchError, match="image_proj: unexpected keys .*: stray.weight"):
+        image_proj_from_state_dict({**state, "stray.weight": torch.zeros(1)})

@@ -18,11 +18,8 @@ from ipa_lab.checkpoint import checkpoint_state, save_ip_adapter
 from ipa_lab.data import parse_caption, read_records
 from ipa_lab.evaluate import (
     CONDITIONS,
-    agreement,
     all_captions,
-    classify,
     evaluate,
-    format_table,
     main,
     retrieval_top1,
     scale_sweep,
@@ -30,6 +27,7 @@ from ipa_lab.evaluate import (
     vae_psnr,
 )
 from ipa_lab.generate import load_adapter
+from ipa_lab.metrics import agreement, classify
 from ipa_lab.projection import ImageProjModel
 from ipa_lab.runtime import quiet
 
@@ -144,20 +142,6 @@ def test_backbone_scores(pipe, checkpoint, records, clip):
     ret = retrieval_top1(clip, records, DATA, n=8)
     assert list(ret) == ["caption", *ATTRS] and all(0 <= v <= 1 for v in ret.values())
     assert len(all_captions()) == len(set(all_captions())) == 6 * 3 * 4 * 2
-
-
-def test_format_table_is_deterministic_and_aligned():
-    rows = [{"condition": "no prompt", "colour": 0.15625, "clip_i": None},
-            {"condition": "image only", "colour": 0.96875, "clip_i": 0.8123456, "n": 64}]
-    table = format_table(rows)
-    assert table == format_table([dict(r) for r in rows])
-    assert table.splitlines() == [
-        "condition   colour  clip_i   n",
-        "----------  ------  ------  --",
-        "no prompt    0.156       -   -",
-        "image only   0.969   0.812  64",
-    ]
-    assert format_table(rows, digits=2).splitlines()[3].split()[2] == "0.97"
 
 
 def test_command_line(pipe, checkpoint, tmp_path, capsys):

@@ -14,20 +14,17 @@ import torch
 
 from ipa_lab.adapter import install_ip_adapter
 from ipa_lab.attention import IPAttnProcessor
-from ipa_lab.checkpoint import CheckpointMismatchError, checkpoint_state, save_ip_adapter
-from ipa_lab.data import draw, random_spec
-from ipa_lab.generate import (
+from ipa_lab.checkpoint import (
+    CheckpointMismatchError,
+    checkpoint_state,
     image_proj_from_state_dict,
-    load_adapter,
-    num_tokens_of,
-    generate,
-    generate_with_diffusers,
-    plain_attention,
     read_checkpoint,
-    sample_generators,
-    set_scale,
+    save_ip_adapter,
 )
-from ipa_lab.projection import ImageProjModel, Resampler
+from ipa_lab.data import draw, random_spec
+from ipa_lab.diffusers_path import generate_with_diffusers
+from ipa_lab.generate import generate, load_adapter, plain_attention, sample_generators, set_scale
+from ipa_lab.projection import ImageProjModel, Resampler, num_tokens_of
 from ipa_lab.runtime import quiet
 
 quiet()
@@ -204,3 +201,55 @@ def test_a_checkpoint_for_another_model_is_refused(pipe):
         image_proj_from_state_dict({"weight": torch.zeros(2)})
     with pytest.raises(CheckpointMismatchError, match="neither part"):
         read_checkpoint({"unet.weight": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["base", "plus"])
+def test_image_prompt_tokens_are_the_projected_encoder_features(pipe, plus):
+    """The tokens `generate` appends, computed by hand: what training fed the adapter."""
+    from ipa_lab.generate import encode_image_prompt, unconditional_image_tokens
+
+    proj = load_adapter(pipe, make_checkpoint(pipe, plus))
+    images = prompt_images(2)
+    encoder = pipe.image_encoder
+    with torch.no_grad():
+        pixels = pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
+        size = encoder.config.image_size
+        if plus:  # the penultimate layer's patch features; "no image" is the encoder on a zero image
+            features = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            none = encoder(torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
+        else:  # the pooled, projected embedding; "no image" is a zero embedding
+            features, none = encoder(pixels).image_embeds, torch.zeros(1, encoder.config.projection_dim)
+        want_cond, want_uncond = proj(features), proj(none)
+    cond, uncond = encode_image_prompt(pipe, proj, images)
+    assert cond.shape == (2, 16 if plus else 4, 64) and uncond.shape == cond.shape
+    assert torch.equal(cond, want_cond) and torch.equal(uncond, want_uncond.expand_as(cond))
+    assert torch.equal(unconditional_image_tokens(pipe, proj), want_uncond)
+
+
+def test_no_image_needs_the_image_encoder_and_says_so(pipe):
+    from ipa_lab.generate import unconditional_image_tokens
+
+    proj = load_adapter(pipe, make_checkpoint(pipe))
+    pipe.image_encoder = None
+    with pytest.raises(ValueError, match="no image_encoder: load it with load_pipeline"):
+        unconditional_image_tokens(pipe, proj)
+
+
+def test_prompt_batch():
+    from ipa_lab.generate import prompt_batch
+
+    images = prompt_images(2)
+    assert prompt_batch(images, "a", None) == (images, ["a", "a"], ["", ""])
+    assert prompt_batch(images[0], ["a"], "b") == ([images[0]], ["a"], ["b"])
+    assert prompt_batch(None, ["a", "b", "c"], "") == (None, ["a", "b", "c"], ["", "", ""])
+    assert prompt_batch(None, "a", "") == (None, ["a"], [""])
+    with pytest.raises(ValueError, match="got 3 prompts for 2 image prompts"):
+        prompt_batch(images, ["a", "b", "c"], "")
+
+
+def test_load_adapter_refuses_a_file_that_is_not_a_checkpoint(pipe, tmp_path):
+    path = tmp_path / "ip_adapter.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read the IP-Adapter checkpoint .*ip_adapter\.safetensors.*empty"):
+        load_adapter(pipe, path)
+    assert not any(isinstance(p, IPAttnProcessor) for p in pipe.unet.attn_processors.values())

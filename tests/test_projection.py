@@ -1,9 +1,12 @@
 """The image projections match diffusers' classes, weight for weight and number for number."""
+import re
+
 import pytest
 import torch
 
 from conftest import CROSS_DIM, EMBED_DIM, HIDDEN_DIM, perturb_
 from ipa_lab import ImageProjModel, Resampler
+from ipa_lab.projection import build_image_projection, is_plus, num_tokens_of
 
 
 def toy_resampler(num_queries: int = 6) -> Resampler:
@@ -33,8 +36,17 @@ def test_image_proj_model_matches_diffusers(toy_unet):
 
 def test_image_proj_model_rejects_wrong_width():
     model = ImageProjModel(CROSS_DIM, EMBED_DIM, 4)
-    with pytest.raises(ValueError, match=r"expects image embeddings 32 wide.*got last dimension 40"):
+    with pytest.raises(ValueError, match=r"expects image embeddings of shape \(batch, 32\).*got shape \(2, 40\) "
+                                         r"\(last dimension 40\)"):
         model(torch.randn(2, 40))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, EMBED_DIM), (EMBED_DIM,)], ids=["3-d", "1-d"])
+def test_image_proj_model_rejects_anything_but_one_embedding_per_image(shape):
+    # Before: (2, 5, 32) ran and came back as (10, 4, 64), ten "images" out of two.
+    model = ImageProjModel(CROSS_DIM, EMBED_DIM, 4)
+    with pytest.raises(ValueError, match=rf"of shape \(batch, {EMBED_DIM}\).*got shape {re.escape(str(shape))}"):
+        model(torch.randn(shape))
 
 
 def test_resampler_parameter_names_follow_the_original():
@@ -62,9 +74,26 @@ def test_resampler_matches_diffusers_plus_projection(toy_unet):
     assert (ours_out - theirs_out).abs().max().item() <= 1e-5
 
 
-def test_resampler_rejects_wrong_features():
-    with pytest.raises(ValueError, match=r"\(batch, tokens, 48\).*got \(2, 48\)"):
-        toy_resampler()(torch.randn(2, HIDDEN_DIM))
+@pytest.mark.parametrize("shape", [(2, HIDDEN_DIM), (2, 17, 40), (2, 3, 17, HIDDEN_DIM)],
+                         ids=["pooled", "wrong width", "4-d"])
+def test_resampler_rejects_wrong_features(shape):
+    with pytest.raises(ValueError, match=rf"\(batch, tokens, 48\).*got {re.escape(str(shape))}"):
+        toy_resampler()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("variant, tokens", [("base", None), ("base", 16), ("plus", None), ("plus", 6)])
+def test_build_image_projection_and_its_token_count(variant, tokens):
+    unet, encoder = {"cross_attention_dim": CROSS_DIM}, {"projection_dim": EMBED_DIM, "hidden_size": HIDDEN_DIM}
+    proj = build_image_projection(unet, encoder, variant, tokens)
+    assert isinstance(proj, Resampler if variant == "plus" else ImageProjModel)
+    assert is_plus(proj) == (variant == "plus")
+    assert num_tokens_of(proj) == (tokens or (16 if variant == "plus" else 4))
+    features = torch.randn(2, 5, HIDDEN_DIM) if variant == "plus" else torch.randn(2, EMBED_DIM)
+    assert proj(features).shape == (2, num_tokens_of(proj), CROSS_DIM)
+    with pytest.raises(ValueError, match="unknown variant 'large'"):
+        build_image_projection(unet, encoder, "large")
+    with pytest.raises(TypeError, match="cannot tell how many tokens a Linear makes"):
+        num_tokens_of(torch.nn.Linear(2, 2))
 
 
 def test_sd15_plus_resampler_size():

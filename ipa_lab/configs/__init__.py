@@ -8,6 +8,11 @@ download.
 Files (JSON, in this folder): `sd15_unet`, `sdxl_unet` (diffusers UNet2DConditionModel),
 `clip_vit_h14_vision`, `clip_vit_bigg14_vision` (transformers CLIPVisionModelWithProjection),
 `toy_unet` (the course's own tiny UNet). Keys starting with `_` are notes, not settings.
+
+Only data, and builders of diffusers' and transformers' classes: nothing here imports the
+course's model code, which reads configs, not the other way round. The IP-Adapter parts built
+from configs live with their models: `ipa_lab.projection.build_image_projection`,
+`ipa_lab.adapter.count_ip_adapter_parameters`.
 """
 from __future__ import annotations
 
@@ -58,49 +63,3 @@ def build_image_encoder(name: str = "clip_vit_h14_vision", device: str | torch.d
     config = CLIPVisionConfig(**{k: v for k, v in _settings(load_config(name)).items() if k != "architectures"})
     with torch.device(device):
         return CLIPVisionModelWithProjection(config)
-
-
-def build_image_projection(unet_config: dict, encoder_config: dict, variant: str = "base",
-                           num_tokens: int | None = None):
-    """The projection IP-Adapter would train for this UNet and image encoder.
-
-    base: ImageProjModel(projection_dim -> num_tokens (4) x cross_attention_dim).
-    plus: Resampler(depth 4, dim_head 64, num_tokens (16) queries) reading the encoder's
-    hidden states; dim = cross_attention_dim for SD 1.5 (768, 12 heads) and 1280 (20 heads)
-    for SDXL, as in the original IPAdapterPlus / IPAdapterPlusXL.
-    """
-    from ..projection import ImageProjModel, Resampler
-
-    cross_dim = unet_config["cross_attention_dim"]
-    if variant == "base":
-        return ImageProjModel(cross_attention_dim=cross_dim, clip_embeddings_dim=encoder_config["projection_dim"],
-                              clip_extra_context_tokens=num_tokens or 4)
-    if variant == "plus":
-        dim = cross_dim if cross_dim <= 1024 else 1280
-        return Resampler(dim=dim, depth=4, dim_head=64, heads=dim // 64, num_queries=num_tokens or 16,
-                         embedding_dim=encoder_config["hidden_size"], output_dim=cross_dim, ff_mult=4)
-    raise ValueError(f"unknown variant {variant!r}: use 'base' or 'plus'")
-
-
-def count_ip_adapter_parameters(unet_config_name: str = "sd15_unet",
-                                image_encoder_name: str = "clip_vit_h14_vision",
-                                variant: str = "base", num_tokens: int | None = None) -> dict[str, int]:
-    """What IP-Adapter trains on a real architecture, counted on the meta device.
-
-    Returns {'projection', 'adapter', 'total', 'cross_attention_layers', 'unet'}; e.g. SD 1.5 +
-    ViT-H base: projection 3,150,336 + adapter 19,169,280 = total 22,319,616.
-    """
-    from ..adapter import count_parameters, install_ip_adapter
-
-    unet = build_unet(unet_config_name)
-    unet_size = count_parameters(unet)
-    default_tokens = 16 if variant == "plus" else 4
-    adapter = install_ip_adapter(unet, num_tokens=num_tokens or default_tokens)
-    with torch.device("meta"):
-        projection = build_image_projection(load_config(unet_config_name), load_config(image_encoder_name),
-                                            variant, num_tokens)
-    counts = {"projection": count_parameters(projection), "adapter": count_parameters(adapter)}
-    counts["total"] = counts["projection"] + counts["adapter"]
-    counts["cross_attention_layers"] = sum(1 for m in adapter if count_parameters(m) > 0)
-    counts["unet"] = unet_size
-    return counts
