@@ -245,7 +245,7 @@ def test_command_line_errors_come_before_torch_is_imported(toy_data, tmp_path):
               "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    print(e)\n"
               "print('heavy:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))")
     cases = [(["--data", str(tmp_path / "nope")], "data folder"),
-             (["--data", toy_data, "--model", str(tmp_path / "no-model")], "no pipeline folder"),
+             (["--data", toy_data, "--model", str(tmp_path / "no-model")], "no such folder"),
              (["--data", toy_data, "--model", "someone/not-cached"], "not in the local Hugging Face cache"),
              (["--batch-size", "0"], "batch_size=0")]
     for argv, expected in cases:
