@@ -140,11 +140,11 @@ def _clip_pixels(pipe, images) -> torch.Tensor:
 
     A 4-D tensor is taken as already preprocessed (like diffusers' `encode_image`).
     """
-    if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
-        raise ValueError("this pipeline has no image_encoder/feature_extractor: load it with "
-                         "load_pipeline(..., image_encoder=<folder>)")
-    encoder = pipe.image_encoder
+    encoder = _image_encoder(pipe)
     if not (isinstance(images, torch.Tensor) and images.ndim == 4):
+        if getattr(pipe, "feature_extractor", None) is None:
+            raise ValueError("this pipeline has no feature_extractor (the image encoder's preprocessing): load it "
+                             "with load_pipeline(..., image_encoder=<folder>), or pass preprocessed (B, 3, S, S) pixels")
         images = pipe.feature_extractor(images=list(images), return_tensors="pt").pixel_values
     return images.to(device=encoder.device, dtype=encoder.dtype)
 
@@ -180,6 +180,9 @@ def encode_image_prompt(pipe, image_proj_model: nn.Module, images) -> tuple[torc
     return cond, uncond
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
 def _as_image_list(image):
     """None, one image, a list of images, or a 4-D tensor of preprocessed CLIP pixels."""
     if image is None or isinstance(image, torch.Tensor):
@@ -223,7 +226,7 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
 
     On the CPU whatever the pipeline's device, so a seed means the same noise everywhere; one
     per sample, so sample k is the same image however the samples are split into calls (the
-    evaluation batches them, diffusers' path below makes one call per image prompt).
+    evaluation batches them, `ipa_lab.diffusers_path` makes one call per image prompt).
     """
     return [torch.Generator("cpu").manual_seed(seed + k) for k in range(n)]
 

@@ -253,3 +253,15 @@ def test_load_adapter_refuses_a_file_that_is_not_a_checkpoint(pipe, tmp_path):
     with pytest.raises(ValueError, match=r"cannot read the IP-Adapter checkpoint .*ip_adapter\.safetensors.*empty"):
         load_adapter(pipe, path)
     assert not any(isinstance(p, IPAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_preprocessed_pixels_need_no_feature_extractor(pipe):
+    from ipa_lab.generate import encode_image_prompt
+
+    proj = load_adapter(pipe, make_checkpoint(pipe))
+    pixels = pipe.feature_extractor(images=prompt_images(2), return_tensors="pt").pixel_values
+    want, _ = encode_image_prompt(pipe, proj, prompt_images(2))
+    pipe.feature_extractor = None
+    assert torch.equal(encode_image_prompt(pipe, proj, pixels)[0], want)
+    with pytest.raises(ValueError, match="no feature_extractor"):
+        encode_image_prompt(pipe, proj, prompt_images(2))
