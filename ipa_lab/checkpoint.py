@@ -47,7 +47,8 @@ DIM_HEAD = 64
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the modules it is loaded into (keys or shapes differ)."""
+    """A checkpoint does not fit the modules it is loaded into (keys, shapes or token counts
+    differ), or its keys are not laid out as an IP-Adapter checkpoint's."""
 
 
 def _suffix(path: Path) -> str:
