@@ -16,54 +16,55 @@ One module per concept, in the order of the notebooks:
 * `viz`: figures (image grids, loss curves)
 * `configs`: the real SD 1.5 / SDXL / CLIP architectures as data, built on the meta device
 
-Importing the package needs only torch; diffusers and transformers load when used.
-"""
-from .adapter import (
-    ParamRow,
-    count_ip_adapter_parameters,
-    count_parameters,
-    format_parameter_table,
-    freeze,
-    hidden_size_of,
-    install_ip_adapter,
-    ip_processors,
-    parameter_table,
-)
-from .attention import AttnProcessor, IPAttnProcessor
-from .checkpoint import (
-    CheckpointMismatchError,
-    image_proj_from_state_dict,
-    load_into,
-    load_ip_adapter,
-    read_checkpoint,
-    save_ip_adapter,
-)
-from .projection import ImageProjModel, Resampler, build_image_projection, num_tokens_of
-from .runtime import setup
-from .tables import format_table
+and for training: `train` (the run's settings and command line), `trainer` (the loop), `cache`
+(the frozen encoders' outputs on disk), `loop` (steps, checkpoints, Ctrl-C), `data`.
 
-__all__ = [
-    "ImageProjModel",
-    "Resampler",
-    "build_image_projection",
-    "num_tokens_of",
-    "AttnProcessor",
-    "IPAttnProcessor",
-    "install_ip_adapter",
-    "ip_processors",
-    "hidden_size_of",
-    "freeze",
-    "count_parameters",
-    "count_ip_adapter_parameters",
-    "parameter_table",
-    "format_parameter_table",
-    "ParamRow",
-    "format_table",
-    "save_ip_adapter",
-    "load_ip_adapter",
-    "read_checkpoint",
-    "image_proj_from_state_dict",
-    "load_into",
-    "CheckpointMismatchError",
-    "setup",
-]
+Importing the package imports nothing heavy: each name below loads its module (and torch) on
+first use, so `python -m ipa_lab.train` can check its command line before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it (one home each)
+_HOMES = {
+    "ParamRow": "adapter",
+    "count_ip_adapter_parameters": "adapter",
+    "count_parameters": "adapter",
+    "format_parameter_table": "adapter",
+    "freeze": "adapter",
+    "hidden_size_of": "adapter",
+    "install_ip_adapter": "adapter",
+    "ip_processors": "adapter",
+    "parameter_table": "adapter",
+    "AttnProcessor": "attention",
+    "IPAttnProcessor": "attention",
+    "CheckpointMismatchError": "checkpoint",
+    "image_proj_from_state_dict": "checkpoint",
+    "load_into": "checkpoint",
+    "load_ip_adapter": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "save_ip_adapter": "checkpoint",
+    "ImageProjModel": "projection",
+    "Resampler": "projection",
+    "build_image_projection": "projection",
+    "num_tokens_of": "projection",
+    "setup": "runtime",
+    "format_table": "tables",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    """Load a public name's module on first use (PEP 562)."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ipa_lab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
