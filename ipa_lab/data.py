@@ -110,11 +110,6 @@ def render_shape(spec: ShapeSpec, rng: random.Random | None = None, resolution: 
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-# The old name, kept only until notebooks 05 and 07, tests/test_evaluate.py and tests/test_generate.py
-# import `render_shape`; `ipa_lab.train.draw` (one step's random draws) is another thing entirely.
-draw = render_shape
-
-
 def make_shapes_dataset(root: str | os.PathLike, n_train: int = 4000, n_val: int = 512, seed: int = 0) -> Path:
     """Write the shapes data set in the original training format into `root`.
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import read_checkpoint
-from .data import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, images_to_tensor, parse_caption, read_records
+from .data import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, images_to_tensor, load_rgb, parse_caption, read_records
 from .diffusers_path import generate_with_diffusers
 from .generate import DEFAULT_GUIDANCE_SCALE, generate, load_adapter, plain_attention, sample_generators
 from .metrics import agreement, classify, clip_image_embeds, clip_score, clip_text_embeds
@@ -50,7 +49,7 @@ def _load_prompts(records, root, n):
     if not records:
         raise ValueError("no records to evaluate on")
     root = Path(root)
-    images = [Image.open(root / r["image_file"]).convert("RGB") for r in records]
+    images = [load_rgb(root / r["image_file"]) for r in records]
     captions = [r["text"] for r in records]
     return images, captions, [parse_caption(c).as_dict() for c in captions]
 
@@ -184,7 +183,7 @@ def vae_psnr(pipe, records, root, n: int | None = None, batch_size: int = 128) -
     vae = pipe.vae
     psnrs = []
     for start in range(0, len(records), batch_size):
-        chunk = [Image.open(root / r["image_file"]).convert("RGB") for r in records[start : start + batch_size]]
+        chunk = [load_rgb(root / r["image_file"]) for r in records[start : start + batch_size]]
         x = images_to_tensor(chunk).to(device=vae.device, dtype=vae.dtype)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         mse = (((rec.float() - x.float()) / 2) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)

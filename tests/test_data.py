@@ -9,9 +9,10 @@ from PIL import Image
 
 from ipa_lab.data import (COLOURS, SHAPES, IPAdapterDataset, ShapeSpec, load_rgb, make_shapes_dataset, parse_caption,
                           read_records, render_shape, to_unet_pixels)
-from ipa_lab.evaluate import classify
+from ipa_lab.metrics import classify
 from ipa_lab.pipeline import REPO_ROOT
-from ipa_lab.pretrain import caption_words, image_processor
+from ipa_lab.pretrain import image_processor
+from ipa_lab.tokenizer import caption_words
 from ipa_lab.tokenizer import build_tokenizer
 
 

@@ -37,7 +37,8 @@ ATTRS = ("colour", "shape", "position", "size")
 
 
 def _toy_parts():
-    from ipa_lab.pretrain import caption_words, image_processor, toy_configs
+    from ipa_lab.pretrain import image_processor, toy_configs
+    from ipa_lab.tokenizer import caption_words
     from ipa_lab.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(caption_words())
@@ -184,11 +185,11 @@ def test_figures():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ipa_lab.data import draw, random_spec
+    from ipa_lab.data import random_spec, render_shape
     from ipa_lab.viz import image_grid, loss_curve, show_images
 
     rng = random.Random(0)
-    images = [draw(random_spec(rng), rng) for _ in range(6)]
+    images = [render_shape(random_spec(rng), rng) for _ in range(6)]
     grid = image_grid(images[:2], images[2:], row_labels=["first", "second"])
     assert len(grid.axes) == 2 * 3 and grid.axes[0].get_title() == "prompt"
     shown = show_images([images[0], torch.rand(3, 32, 32), torch.rand(3, 32, 32) * 2 - 1], titles=list("abc"), ncols=2)

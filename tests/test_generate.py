@@ -21,7 +21,7 @@ from ipa_lab.checkpoint import (
     read_checkpoint,
     save_ip_adapter,
 )
-from ipa_lab.data import draw, random_spec
+from ipa_lab.data import random_spec, render_shape
 from ipa_lab.diffusers_path import generate_with_diffusers
 from ipa_lab.generate import generate, load_adapter, plain_attention, sample_generators, set_scale
 from ipa_lab.projection import ImageProjModel, Resampler, num_tokens_of
@@ -37,7 +37,8 @@ def build_random_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from ipa_lab.pretrain import caption_words, image_processor, scheduler_config, toy_configs
+    from ipa_lab.pretrain import image_processor, scheduler_config, toy_configs
+    from ipa_lab.tokenizer import caption_words
     from ipa_lab.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(caption_words())
@@ -88,7 +89,7 @@ def make_checkpoint(pipe, plus: bool = False, seed: int = 1) -> dict:
 
 def prompt_images(n: int, seed: int = 0):
     rng = random.Random(seed)
-    return [draw(random_spec(rng), rng) for _ in range(n)]
+    return [render_shape(random_spec(rng), rng) for _ in range(n)]
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["base", "plus"])
