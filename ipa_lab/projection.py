@@ -188,8 +188,11 @@ def build_image_projection(unet_config: dict, encoder_config: dict, variant: str
 
     base: ImageProjModel(projection_dim -> num_tokens (4) x cross_attention_dim).
     plus: Resampler(depth 4, dim_head 64, num_tokens (16) queries) reading the encoder's
-    hidden states; dim = cross_attention_dim for SD 1.5 (768, 12 heads) and 1280 (20 heads)
-    for SDXL, as in the original IPAdapterPlus / IPAdapterPlusXL.
+    hidden states, as the original builds it: `IPAdapterPlus` (and tutorial_train_plus.py) use
+    dim = cross_attention_dim and 12 heads whatever the width (768 for SD 1.5, 64 for the toy),
+    `IPAdapterPlusXL` dim 1280 and 20 heads. The heads are not stored in a checkpoint, only
+    heads x dim_head (the rows of to_q): a Resampler built with other heads does not load in the
+    unmodified original.
     Built on the current default device: inside `with torch.device("meta")` it costs no memory.
     """
     cross_dim = unet_config["cross_attention_dim"]
@@ -197,7 +200,7 @@ def build_image_projection(unet_config: dict, encoder_config: dict, variant: str
         return ImageProjModel(cross_attention_dim=cross_dim, clip_embeddings_dim=encoder_config["projection_dim"],
                               clip_extra_context_tokens=num_tokens or 4)
     if variant == "plus":
-        dim = cross_dim if cross_dim <= 1024 else 1280
-        return Resampler(dim=dim, depth=4, dim_head=64, heads=dim // 64, num_queries=num_tokens or 16,
+        dim, heads = (cross_dim, 12) if cross_dim <= 1024 else (1280, 20)  # IPAdapterPlus / IPAdapterPlusXL
+        return Resampler(dim=dim, depth=4, dim_head=64, heads=heads, num_queries=num_tokens or 16,
                          embedding_dim=encoder_config["hidden_size"], output_dim=cross_dim, ff_mult=4)
     raise ValueError(f"unknown variant {variant!r}: use 'base' or 'plus'")

@@ -103,3 +103,20 @@ def test_sd15_plus_resampler_size():
     assert sum(p.numel() for p in r.parameters()) == 29_918_208
     with torch.device("meta"):
         assert r(torch.empty(1, 257, 1280)).shape == (1, 16, 768)  # the shapes work out, no memory used
+
+
+def test_plus_is_built_with_the_originals_heads_whatever_the_width():
+    # IPAdapterPlus.init_proj and tutorial_train_plus.py: heads=12, dim_head=64 for any SD 1.5-like
+    # UNet (so the toy's 64-wide Resampler has to_q (768, 64)); IPAdapterPlusXL: dim 1280, 20 heads.
+    from ipa_lab.configs import load_config
+    from ipa_lab.projection import build_image_projection
+
+    cases = [(load_config("toy_unet"), {"hidden_size": 64, "projection_dim": 32}, 64, 12),
+             (load_config("sd15_unet"), load_config("clip_vit_h14_vision"), 768, 12),
+             (load_config("sdxl_unet"), load_config("clip_vit_bigg14_vision"), 1280, 20)]
+    for unet, encoder, dim, heads in cases:
+        with torch.device("meta"):
+            r = build_image_projection(unet, encoder, "plus")
+        attn = r.layers[0][0]
+        assert (attn.heads, attn.dim_head, r.latents.shape[-1]) == (heads, 64, dim)
+        assert tuple(attn.to_q.weight.shape) == (heads * 64, dim)

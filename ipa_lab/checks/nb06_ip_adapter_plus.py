@@ -63,8 +63,8 @@ def resampler_parameters(fn) -> str:
 
     cases = [("SD 1.5 Plus (dim 768, depth 4, 12 heads of 64, 16 queries, ViT-H 1280 -> 768)",
               dict(dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=768, ff_mult=4)),
-             ("the toy Plus (dim 64, depth 4, 1 head of 64, 16 queries, 64 -> 64)",
-              dict(dim=64, depth=4, dim_head=64, heads=1, num_queries=16, embedding_dim=64, output_dim=64, ff_mult=4)),
+             ("the toy Plus (dim 64, depth 4, 12 heads of 64, 16 queries, 64 -> 64)",
+              dict(dim=64, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=64, output_dim=64, ff_mult=4)),
              ("an odd one (dim 96, depth 3, 3 heads of 16, 8 queries, 48 -> 80, ff_mult 2)",
               dict(dim=96, depth=3, dim_head=16, heads=3, num_queries=8, embedding_dim=48, output_dim=80, ff_mult=2))]
     failures = []  # (what, got, want, the hints that explain the difference)
