@@ -72,3 +72,40 @@ def test_each_moved_name_has_one_home():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in homes:
                 defined.setdefault(node.name, []).append(module)
     assert defined == {name: [home] for name, home in homes.items()}
+
+
+# The training side, in the same spirit: each may import the modules above it (and the ORDER
+# above); nothing imports `pretrain` (how the toy was made is not a dependency of anything).
+TRAINING = [
+    "loop",  # steps, checkpoints, Ctrl-C
+    "cache",  # the frozen encoders' outputs on disk
+    "train",  # a run's settings and the command line (standard library until checked)
+    "trainer",  # the loop of IP-Adapter training
+    "bench",  # the benchmarks
+]
+
+
+def _top_level_imports(module: str) -> set[str]:
+    """The top-level packages `module` imports at its top level (not inside functions)."""
+    names = set()
+    for node in ast.parse(_source(module)).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." + (node.module or "") if node.level else (node.module or "").split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("module", TRAINING)
+def test_training_modules_flow_one_way(module):
+    later = set(TRAINING[TRAINING.index(module):]) | {"pretrain"}
+    # The one exception: the command line (train.main) calls the trainer once the settings are
+    # checked, with an import inside main, so that a bad flag fails before torch loads.
+    imported = {n.lstrip(".") for n in _top_level_imports(module) if n.startswith(".")} if module == "train" \
+        else _imported(module)
+    assert not (imported & later), f"{module} imports {sorted(imported & later)}"
+
+
+def test_the_training_command_line_imports_nothing_heavy_at_the_top():
+    """train.py's top-level imports are the standard library: the settings are checked before torch loads."""
+    assert _top_level_imports("train") <= {"__future__", "argparse", "os", "sys", "dataclasses", "pathlib"}
