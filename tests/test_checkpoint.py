@@ -112,6 +112,10 @@ def test_diffusers_loads_our_checkpoint_and_agrees(tiny_pipeline, tiny_sd_parts,
     ours_unet = copy.deepcopy(pipe.unet)
     proj, adapter = make_projection(variant), trained_adapter(ours_unet, variant)
     path = save_ip_adapter(tmp_path / f"ip-adapter{suffix}", proj, adapter)
+    if suffix == ".safetensors":  # diffusers reads past our metadata
+        from ipa_lab.checkpoint import read_metadata
+
+        assert read_metadata(path)["ipa_lab.variant"] == variant
     if as_dict:
         pipe.load_ip_adapter(load_ip_adapter(path), subfolder="", weight_name="unused", image_encoder_folder=None)
     else:
@@ -299,3 +303,148 @@ def test_image_proj_from_state_dict_builds_and_loads_strictly(variant):
     assert all(torch.equal(built.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(CheckpointMismatchError, match="image_proj: unexpected keys .*: stray.weight"):
         image_proj_from_state_dict({**state, "stray.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata: what the tensors do not say (variant, tokens, the Resampler's heads and dim_head)
+# ---------------------------------------------------------------------------------------------
+def test_saved_files_describe_their_projection(toy_unet, tmp_path):
+    from ipa_lab.checkpoint import read_metadata
+
+    base = save_ip_adapter(tmp_path / "base.safetensors", make_projection("base"), trained_adapter(toy_unet, "base"))
+    assert read_metadata(base) == {"format": "pt", "ipa_lab.format": "ip-adapter", "ipa_lab.format_version": "1",
+                                   "ipa_lab.variant": "base", "ipa_lab.num_tokens": "4"}
+    plus = save_ip_adapter(tmp_path / "plus.safetensors", make_projection("plus"),
+                           trained_adapter(make_toy_unet(), "plus"))
+    assert read_metadata(plus) == {"format": "pt", "ipa_lab.format": "ip-adapter", "ipa_lab.format_version": "1",
+                                   "ipa_lab.variant": "plus", "ipa_lab.num_tokens": str(PLUS_TOKENS),
+                                   "ipa_lab.heads": "2", "ipa_lab.dim_head": "64"}
+    # a .bin stays the original's plain nested dict of tensors: no metadata
+    path = save_ip_adapter(tmp_path / "plus.bin", make_projection("plus"), trained_adapter(make_toy_unet(), "plus"))
+    assert read_metadata(path) == {}
+    assert {type(v) for v in torch.load(path, weights_only=True).values()} == {dict}
+
+
+def narrow_heads_resampler():
+    """A Resampler of 4 heads of 32: to_q has 128 rows, exactly like 2 heads of 64."""
+    torch.manual_seed(0)
+    return perturb_(Resampler(dim=CROSS_DIM, depth=2, dim_head=32, heads=4, num_queries=PLUS_TOKENS,
+                              embedding_dim=HIDDEN_DIM, output_dim=CROSS_DIM)).eval()
+
+
+def test_recorded_heads_build_the_right_resampler(tmp_path):
+    from ipa_lab.checkpoint import image_proj_from_state_dict, metadata_of
+
+    proj = narrow_heads_resampler()
+    path = save_ip_adapter(tmp_path / "ip.safetensors", proj, install_ip_adapter(make_toy_unet(), num_tokens=PLUS_TOKENS))
+    state = load_ip_adapter(path)
+    assert metadata_of(state["image_proj"])["ipa_lab.dim_head"] == "32"
+    built = image_proj_from_state_dict(state["image_proj"])
+    assert (built.layers[0][0].heads, built.layers[0][0].dim_head) == (4, 32)
+    features = torch.randn(2, 5, HIDDEN_DIM, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(built(features), proj(features))
+        # Without the metadata the split is guessed (64 wide): same tensors, another function.
+        guessed = image_proj_from_state_dict(dict(state["image_proj"]))
+        assert (guessed.layers[0][0].heads, guessed.layers[0][0].dim_head) == (2, 64)
+        assert (guessed(features) - proj(features)).abs().max() > 1e-3
+
+
+def test_load_adapter_uses_the_recorded_heads(tiny_pipeline, tmp_path):
+    from ipa_lab.generate import load_adapter
+
+    proj = narrow_heads_resampler()
+    path = save_ip_adapter(tmp_path / "ip.safetensors", proj, install_ip_adapter(make_toy_unet(), num_tokens=PLUS_TOKENS))
+    features = torch.randn(1, 5, HIDDEN_DIM, generator=torch.Generator().manual_seed(1))
+    for checkpoint in (path, load_ip_adapter(path)):  # a path, or the dict read from it
+        loaded = load_adapter(tiny_pipeline, checkpoint)
+        assert (loaded.layers[0][0].heads, loaded.layers[0][0].dim_head) == (4, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(features), proj(features))
+
+
+def test_metadata_survives_copies_and_torch_save(saved, tmp_path):
+    from ipa_lab.checkpoint import metadata_of, read_checkpoint
+
+    path, _, _ = saved
+    state = load_ip_adapter(path)
+    assert metadata_of(state)["ipa_lab.num_tokens"] == "4"
+    assert metadata_of(read_checkpoint(state)) == metadata_of(state)  # read_checkpoint copies the parts
+    torch.save(state, tmp_path / "again.bin")
+    assert metadata_of(torch.load(tmp_path / "again.bin", weights_only=True)) == metadata_of(state)
+
+
+def _with_metadata_file(path, tmp_path, **entries):
+    """A copy of the checkpoint at `path` with its metadata entries replaced (None removes one)."""
+    from safetensors.torch import load_file, save_file
+
+    from ipa_lab.checkpoint import read_metadata
+
+    metadata = {**read_metadata(path), **{f"ipa_lab.{k}": v for k, v in entries.items()}}
+    copy_path = tmp_path / "edited.safetensors"
+    save_file(load_file(str(path)), str(copy_path), metadata={k: v for k, v in metadata.items() if v is not None})
+    return copy_path
+
+
+def test_metadata_that_disagrees_with_the_tensors_is_named(saved, tmp_path):
+    from ipa_lab.checkpoint import image_proj_from_state_dict
+
+    path, proj, adapter = saved
+    lying = load_ip_adapter(_with_metadata_file(path, tmp_path, variant="plus", num_tokens="16"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        image_proj_from_state_dict(lying["image_proj"])
+    message = str(info.value)
+    assert "ipa_lab.variant='plus', but the tensors describe ImageProjModel ('base')" in message
+    assert "ipa_lab.num_tokens=16, but the projection's tensors make 4 tokens" in message
+    with pytest.raises(CheckpointMismatchError, match=r"ipa_lab.num_tokens=16, but the processors take the last 4"):
+        load_into(lying, proj, adapter)
+
+
+def test_recorded_heads_that_do_not_fit_to_q_are_named(tmp_path):
+    from ipa_lab.checkpoint import image_proj_from_state_dict
+
+    proj = narrow_heads_resampler()
+    path = save_ip_adapter(tmp_path / "ip.safetensors", proj, install_ip_adapter(make_toy_unet(), num_tokens=PLUS_TOKENS))
+    state = load_ip_adapter(_with_metadata_file(path, tmp_path, heads="12", dim_head="64"))
+    with pytest.raises(CheckpointMismatchError, match=r"ipa_lab.heads=12 x dim_head=64 = 768, but "
+                                                      r"image_proj.layers.0.0.to_q.weight has 128 rows"):
+        image_proj_from_state_dict(state["image_proj"])
+    with pytest.raises(CheckpointMismatchError, match="dim_head=64 was passed, but the checkpoint's metadata records "
+                                                      "ipa_lab.dim_head=32"):
+        image_proj_from_state_dict(load_ip_adapter(path), dim_head=64)
+    # Modules built with another split (same shapes) are refused: they would compute something else.
+    other = perturb_(Resampler(dim=CROSS_DIM, depth=2, dim_head=64, heads=2, num_queries=PLUS_TOKENS,
+                               embedding_dim=HIDDEN_DIM, output_dim=CROSS_DIM))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_into(load_ip_adapter(path), other, install_ip_adapter(make_toy_unet(), num_tokens=PLUS_TOKENS))
+    assert "ipa_lab.heads=4, but the Resampler was built with heads=2" in str(info.value)
+    assert "ipa_lab.dim_head=32, but the Resampler was built with dim_head=64" in str(info.value)
+
+
+@pytest.mark.parametrize("entry, value, expected", [
+    ("num_tokens", "four", "ipa_lab.num_tokens='four': expected a positive integer"),
+    ("variant", "huge", r"ipa_lab.variant='huge': expected one of \('base', 'plus'\)"),
+    ("format_version", "2", "ipa_lab.format_version=2: written by a newer ipa_lab"),
+    ("format", "lora", "ipa_lab.format='lora': expected 'ip-adapter'")])
+def test_malformed_metadata_is_named_with_the_file(saved, tmp_path, entry, value, expected):
+    path = _with_metadata_file(saved[0], tmp_path, **{entry: value})
+    with pytest.raises(CheckpointMismatchError, match=rf"edited\.safetensors'?: metadata {expected}"):
+        load_ip_adapter(path)
+
+
+def test_files_without_metadata_load_as_before(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ipa_lab.checkpoint import image_proj_from_state_dict, metadata_of, read_metadata
+
+    path, proj, adapter = saved
+    bare = tmp_path / "bare.safetensors"  # as the original's and diffusers' files are
+    save_file(load_file(str(path)), str(bare))
+    assert read_metadata(bare) == {}
+    state = load_ip_adapter(bare)
+    assert metadata_of(state) == {} and type(state["image_proj"]) is dict
+    load_into(state, proj, adapter)
+    assert isinstance(image_proj_from_state_dict(state["image_proj"]), ImageProjModel)
+    # only safetensors' own entry: nothing of ours either
+    only_format = _with_metadata_file(path, tmp_path, format=None, format_version=None, variant=None, num_tokens=None)
+    assert read_metadata(only_format) == {"format": "pt"} and metadata_of(load_ip_adapter(only_format)) == {}
