@@ -24,6 +24,7 @@ ORDER = [
     "metrics",  # what a picture shows
     "adapter",  # install, find, freeze, count
     "checkpoint",  # save, read, load strictly
+    "convert",  # the original trainer's checkpoints -> the adapter file
     "generate",  # sampling with our adapter
     "diffusers_path",  # the same through diffusers' code
     "evaluate",  # the evaluation protocol and its command line
