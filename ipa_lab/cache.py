@@ -17,9 +17,10 @@ on every step anyway; the fast path runs them once, here, and a training step on
 Plain `.npy` files (NumPy's standard format), read memory-mapped and without pickles, so the
 cache may be far larger than memory: 10M captions of SD 1.5 text states are about 2.4 TB. It is
 built in batches, streamed to disk (memory stays bounded by the batch, not by the data set), in
-time linear in the number of records, and only once: `manifest.json` is the commit point, so a
-build that is killed leaves no manifest and starts again, and a finished one is reused by
-`--resume` and by every process of a distributed run.
+time linear in the number of records, and only once: it is built in a temporary folder whose
+`manifest.json` is written last, then renamed into place, so a build that is killed leaves
+nothing that looks finished, and a finished one is reused by `--resume`, by later runs on the
+same data and by every process of a distributed run.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,20 +246,45 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
     return folder
 
 
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Delete the temporary folders of builds whose process is gone (killed mid-build)."""
+    for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def open_or_build(bb, dataset, variant: str, root: str | os.PathLike, device, accelerator=None, log=None,
                   num_workers: int = 0) -> EncoderCache:
     """The cache for this data set and these encoders under `root`, built if it is not there yet.
 
     Each (data, encoders, variant, resolution) has its own subfolder named by `cache_key`, so
-    base and Plus runs can share a root. Under a distributed launch the main process builds and
-    the others wait, then open the same files."""
+    base and Plus runs can share a root. A build goes into a temporary folder that is renamed
+    into place when complete, so two runs that share a root never build into each other's files.
+    Under a distributed launch the main process builds while the others wait for the manifest
+    (polling: a long build would outlast a collective barrier's timeout), then all open it."""
     folder = Path(root) / cache_key(bb, dataset, variant)
     ready = lambda: (folder / "manifest.json").is_file()  # noqa: E731
     if accelerator is None or accelerator.is_main_process:
         if not ready():
-            build(bb, dataset, variant, folder, num_workers=num_workers, log=log)
+            _remove_abandoned_builds(folder)
+            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+            build(bb, dataset, variant, tmp, num_workers=num_workers, log=log)
+            if folder.exists() and not ready():
+                shutil.rmtree(folder)  # an unfinished folder of an older layout: never trusted
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another run finished the same cache first: use theirs
+                shutil.rmtree(tmp)
         elif log:
             log(f"encoder cache: reusing {folder}")
+    else:
+        while not ready():
+            time.sleep(1.0)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return EncoderCache(folder, device)

@@ -270,7 +270,8 @@ def write_checkpoint(path: str | os.PathLike, state: Mapping[str, Mapping[str, t
         return path
     from safetensors.torch import save_file
 
-    metadata = dict(metadata or {"format": "pt"})
+    # Re-saving a loaded file keeps what it said about itself (heads, dim_head, ...).
+    metadata = dict(metadata if metadata is not None else (metadata_of(state) or {"format": "pt"}))
     odd = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
     if odd:
         raise TypeError(f"safetensors metadata must map strings to strings; got {odd}")

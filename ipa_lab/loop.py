@@ -5,14 +5,17 @@ Two programs train: `ipa_lab.pretrain` (the toy Stable Diffusion, once) and `ipa
 save everything needed to continue", so that skeleton lives here once:
 
 * `run_steps`: the loop, with a checkpoint every `checkpoint_every` steps, at the end, and when
-  the user presses Ctrl-C (the step in hand is finished and saved first);
+  the user presses Ctrl-C (the step in hand is finished, then saved: a step cut halfway, its
+  update applied to some weights and not to others, could not be resumed exactly);
 * `save_state` / `load_state`: a resume state written atomically and read back without
   unpickling arbitrary objects (`weights_only=True`).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,25 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import write_atomically
+
+
+class _DeferredInterrupt:
+    """While active, Ctrl-C (SIGINT) only raises a flag that the loop reads between steps.
+
+    Only the main thread can install a signal handler; elsewhere Ctrl-C interrupts as usual."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame):
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def run_steps(start: int, stop: int, step_fn: Callable[[int], float], save_fn: Callable[[int], None],
@@ -31,13 +53,16 @@ def run_steps(start: int, stop: int, step_fn: Callable[[int], float], save_fn: C
     bar = tqdm(range(start, stop), initial=start, total=stop, desc=desc, **({} if progress else {"disable": True}))
     done = start
     try:
-        for step in bar:
-            loss = step_fn(step)
-            done = step + 1
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if done % checkpoint_every == 0 and done != stop:
-                save_fn(done)
-    except KeyboardInterrupt:
+        with _DeferredInterrupt() as ctrl_c:
+            for step in bar:
+                loss = step_fn(step)
+                done = step + 1
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if ctrl_c.pressed:
+                    raise KeyboardInterrupt
+                if done % checkpoint_every == 0 and done != stop:
+                    save_fn(done)
+    except KeyboardInterrupt:  # pressed during a step (deferred), or raised where no handler could be set
         save_fn(done)
         print(f"interrupted: saved step {done}; continue with --resume", file=sys.stderr)
         raise

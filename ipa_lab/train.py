@@ -71,13 +71,13 @@ class TrainConfig:
                     "checkpoint_every": self.checkpoint_every}
         if self.resolution is not None:
             positive["resolution"] = self.resolution
-        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
-        if self.steps < 0:
-            bad.append(f"steps={self.steps} (must be >= 0)")
-        if self.num_workers < 0 or self.verify_frozen < 0:
-            bad.append(f"num_workers={self.num_workers}, verify_frozen={self.verify_frozen} (must be >= 0)")
+        bad = [f"{k}={v} (must be >= 1)" for k, v in positive.items() if v < 1]
+        bad += [f"{k}={v} (must be >= 0)" for k, v in (("steps", self.steps), ("num_workers", self.num_workers),
+                                                       ("verify_frozen", self.verify_frozen)) if v < 0]
+        if not 0 <= self.seed < 2**32:
+            bad.append(f"seed={self.seed} (must be in [0, 2**32), as NumPy's seeds are)")
         if bad:
-            raise ValueError(f"batch_size, num_tokens, checkpoint_every and resolution must be >= 1; got {', '.join(bad)}")
+            raise ValueError(f"invalid settings: {', '.join(bad)}")
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         for name in ("drop_image", "drop_text", "drop_both"):
@@ -195,8 +195,9 @@ def main(argv=None) -> None:
     if not main_process:  # one report, not one per process
         return
     r = result.report
-    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s (encoder cache {result.cache_seconds:.1f} s); "
-          f"final loss {result.losses[-1][1]:.4f}" if result.losses else "no steps to train")
+    ran = result.steps - result.first_step
+    print(f"trained {ran} steps ({result.first_step} to {result.steps}) in {result.train_seconds:.1f} s (encoder cache "
+          f"{result.cache_seconds:.1f} s); final loss {result.losses[-1][1]:.4f}" if ran else "no steps to train")
     if r:
         print(f"frozen tensors unchanged: {r['frozen_tensors'] - len(r['frozen_changed'])}/{r['frozen_tensors']} hashed "
               f"(of {r['frozen_total']}; --verify-frozen 0 hashes all); trainable tensors moved: "

@@ -19,6 +19,7 @@ that never stopped. The command line and the settings are `ipa_lab.train`.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import itertools
@@ -120,20 +121,34 @@ class Draw:
     drop_text: torch.Tensor
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n_items: int) -> torch.Tensor:
+    """The order of the data set in one epoch: from the seed and the epoch alone (kept for the
+    epoch, since every step of it needs the same one)."""
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(step: int, cfg: TrainConfig, n_items: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Which items process `rank` trains on at `step`: its slice of the global batch.
+
+    Each epoch walks a permutation of the data set in global batches of batch_size * world
+    (the last `n_items % global batch` items of a permutation are skipped, as a DataLoader with
+    drop_last does); a data set smaller than one global batch repeats items."""
+    b, total = cfg.batch_size, cfg.batch_size * world
+    epoch, k = divmod(step, max(1, n_items // total))
+    idx = _epoch_permutation(cfg.seed, epoch, n_items)[torch.arange(k * total, (k + 1) * total) % n_items]
+    return idx[rank * b : (rank + 1) * b]
+
+
 def draw_step(step: int, cfg: TrainConfig, n_items: int, latent_shape, num_train_timesteps: int, rank: int = 0,
               world: int = 1) -> Draw:
     """One step's draws for process `rank` of `world` (each takes `cfg.batch_size` samples).
 
     The global batch (batch_size * world samples) is drawn whole, from (seed, step) alone, and
     each process takes its slice: so N processes see exactly what one process with an N times
-    larger batch sees, and their averaged gradients are that process's gradient. Epochs are
-    permutations of the data set."""
+    larger batch sees, and their averaged gradients are that process's gradient (see
+    `batch_indices` for which items)."""
     b, total = cfg.batch_size, cfg.batch_size * world
-    per_epoch = max(1, n_items // total)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    # A data set smaller than one batch repeats items (the command line warns about it).
-    idx = perm[torch.arange(k * total, (k + 1) * total) % n_items]
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 131)
     u = torch.rand(total, generator=g)
     # One draw decides the case, as in the original: image / text / both dropped, or neither.
@@ -143,7 +158,9 @@ def draw_step(step: int, cfg: TrainConfig, n_items: int, latent_shape, num_train
     eps, noise = torch.randn(total, *latent_shape, generator=g), torch.randn(total, *latent_shape, generator=g)
     t = torch.randint(0, num_train_timesteps, (total,), generator=g)
     mine = slice(rank * b, (rank + 1) * b)
-    return Draw(idx[mine], eps[mine], noise[mine], t[mine], drop_img[mine], drop_txt[mine])
+    # .clone(): a slice is a view that would keep the whole global batch's noise alive
+    return Draw(batch_indices(step, cfg, n_items, rank, world), eps[mine].clone(), noise[mine].clone(), t[mine].clone(),
+                drop_img[mine].clone(), drop_txt[mine].clone())
 
 
 # ----------------------------------------------------------------------------- inputs of a step
@@ -154,16 +171,29 @@ def collate(items: list[dict]) -> dict:
             "text": [it["text"] for it in items]}
 
 
+class _StepBatches:
+    """The items of each step, computed when the DataLoader asks (a batch_sampler)."""
+
+    def __init__(self, steps, indices_of):
+        self.steps, self.indices_of = steps, indices_of
+
+    def __iter__(self):
+        return (self.indices_of(s).tolist() for s in self.steps)
+
+    def __len__(self):
+        return len(self.steps)
+
+
 class ReferenceInputs:
     """The original recipe: load the images and run the frozen encoders on every step."""
 
     def __init__(self, bb: Backbone, dataset: IPAdapterDataset, variant: str):
         self.bb, self.dataset, self.variant = bb, dataset, variant
 
-    def loader(self, draws, num_workers: int) -> DataLoader:
-        """A DataLoader that yields, in order, the batch of each draw in `draws`; its workers
-        read and preprocess images while the model trains."""
-        return DataLoader(self.dataset, batch_sampler=[d.indices.tolist() for d in draws], num_workers=num_workers,
+    def loader(self, steps, indices_of, num_workers: int) -> DataLoader:
+        """A DataLoader that yields, in order, the batch of each step in `steps` (`indices_of(step)`
+        names its items); its workers read and preprocess images while the model trains."""
+        return DataLoader(self.dataset, batch_sampler=_StepBatches(steps, indices_of), num_workers=num_workers,
                           collate_fn=collate)
 
     @torch.no_grad()
@@ -259,7 +289,8 @@ class TrainResult:
     report: dict = field(default_factory=dict)
     cache_seconds: float = 0.0
     train_seconds: float = 0.0
-    steps: int = 0
+    steps: int = 0  # where the run stands (the last step done + 1)
+    first_step: int = 0  # where this call started (above 0 after --resume)
 
 
 class Trainer:
@@ -281,6 +312,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.output = Path(cfg.output)
         self._prepare_output()
+        self._resume = self._saved_state() if cfg.resume else None
         seed_everything(cfg.seed)
         # The records first: a broken train.json fails before any model loads.
         self.dataset = IPAdapterDataset(cfg.data, "train")
@@ -334,7 +366,7 @@ class Trainer:
         if not self.accelerator.is_main_process or not self.output.is_dir():
             return
         for name in RUN_FILES:
-            for tmp in glob.glob(str(self.output / f".{name}.*.tmp")):
+            for tmp in glob.glob(glob.escape(str(self.output)) + f"/.{name}.*.tmp"):
                 os.unlink(tmp)
             if self.cfg.overwrite and not self.cfg.resume and (self.output / name).exists():
                 (self.output / name).unlink()
@@ -370,28 +402,38 @@ class Trainer:
         the last complete state and rewrites the others; nothing is lost or mixed."""
         if not self.accelerator.is_main_process:
             return
+        assert len(self.losses) == self.step, "one loss per finished step: the log and the weights agree"
         self.output.mkdir(parents=True, exist_ok=True)
         save_ip_adapter(self.output / "ip_adapter.safetensors", self.ip_adapter.image_proj_model,
                         self.ip_adapter.adapter_modules)
         _write_log(self.output / "loss.csv", self.losses)
+        scaler = self.accelerator.scaler  # fp16 only: its loss scale is part of the exact state
         save_state(self.output / "training_state.pt", {
             "step": self.step, "config": json.dumps(asdict(self.cfg)), "world": self.accelerator.num_processes,
             "optimizer": self.optimizer.state_dict(), "image_proj": self.ip_adapter.image_proj_model.state_dict(),
             "ip_adapter": self.ip_adapter.adapter_modules.state_dict(),
-            "losses": torch.tensor([loss for _, loss in self.losses], dtype=torch.float64)})
+            "losses": torch.tensor([loss for _, loss in self.losses], dtype=torch.float64),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 
-    def restore(self) -> None:
-        """Continue from `output/training_state.pt` (weights, optimizer moments, step, loss log).
+    def _saved_state(self) -> dict | None:
+        """With `resume`: the run's saved state, checked against this run's settings, or None when
+        the run was killed before its first checkpoint was complete (it then starts at step 0).
 
-        Refuses, listing every difference, when this run's settings would change the result."""
+        Runs before any model loads: a resume with changed settings fails in seconds, not after
+        the models have loaded and the encoder cache has been built."""
         path = self.output / "training_state.pt"
         if not path.is_file():
-            if any((self.output / name).exists() for name in RUN_FILES):
-                if self.log:  # killed before its first checkpoint was complete: nothing to lose
+            log = self.output / "loss.csv"
+            rows = len(log.read_text().splitlines()) - 1 if log.is_file() else 0
+            if any((self.output / name).exists() for name in RUN_FILES) and rows <= self.cfg.checkpoint_every:
+                if self.log:  # nothing of value can be lost: no checkpoint was ever complete
                     self.log(f"--resume: {self.output} holds no complete checkpoint yet; starting at step 0")
-                return
+                return None
+            if rows > self.cfg.checkpoint_every:
+                raise FileNotFoundError(f"--resume: {self.output} holds a run of {rows} steps but no training_state.pt "
+                                        "to continue it from; pass --overwrite to train it again from step 0")
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {path}")
-        state = load_state(path, map_location=self.device)
+        state = load_state(path)
         missing = {"step", "config", "optimizer", "image_proj", "ip_adapter", "losses"} - set(state)
         if missing:
             raise ValueError(f"--resume: {path} lacks {sorted(missing)}; it is not a checkpoint of this "
@@ -406,9 +448,15 @@ class Trainer:
             raise ValueError(f"--resume: this run's settings differ from those {path} was trained with, which "
                              "would change the result:\n  " + "\n  ".join(differ) +
                              "\nUse the saved settings, or start a new run with another --output.")
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Continue from a saved state (weights, optimizer moments, loss scale, step, loss log)."""
         self.ip_adapter.image_proj_model.load_state_dict(state["image_proj"])
         self.ip_adapter.adapter_modules.load_state_dict(state["ip_adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.losses = list(enumerate(state["losses"].tolist()))
 
@@ -416,22 +464,26 @@ class Trainer:
         """Train up to `steps` (default cfg.steps); checkpoint every cfg.checkpoint_every steps."""
         cfg = self.cfg
         steps = cfg.steps if steps is None else steps
-        if cfg.resume and self.step == 0:
-            self.restore()
+        if self._resume is not None:  # once: a second run() continues in memory
+            self.restore(self._resume)
+            self._resume = None
+        start = self.step
         sample = {k: frozen_sample(m, cfg.verify_frozen) for k, m in self.bb.frozen().items()}
         before_frozen = {k: fingerprint(m, True, sample[k]) for k, m in self.bb.frozen().items()}
         before_trainable = _trainable_fingerprint(self.ip_adapter)
         self.model.train()
         batches = None
         if not cfg.fast:  # the reference path: images read ahead by the DataLoader's workers
-            batches = iter(self.inputs.loader([self.draw(s) for s in range(self.step, steps)], cfg.num_workers))
+            world = (self.accelerator.process_index, self.accelerator.num_processes)
+            batches = iter(self.inputs.loader(range(self.step, steps),
+                                              lambda s: batch_indices(s, cfg, len(self.dataset), *world), cfg.num_workers))
         step_fn = (lambda s: self.train_step(s)) if batches is None else (lambda s: self.train_step(s, next(batches)))
         t0 = time.perf_counter()
         run_steps(self.step, steps, step_fn, lambda _: self.save(), cfg.checkpoint_every, "train",
                   progress and self.accelerator.is_main_process)
         train_seconds = time.perf_counter() - t0
         report = {}
-        if self.step > 0:
+        if self.step > start:  # the proof is about the steps this call ran
             after = {k: fingerprint(m, True, sample[k]) for k, m in self.bb.frozen().items()}
             changed = [f"{k}.{n}" for k, fp in after.items() for n, h in fp.items() if before_frozen[k][n] != h]
             moved = _trainable_fingerprint(self.ip_adapter)
@@ -440,7 +492,7 @@ class Trainer:
                                           if not p.requires_grad),
                       "trainable_tensors": len(moved),
                       "trainable_unmoved": [n for n, h in moved.items() if before_trainable[n] == h]}
-        return TrainResult(self.output, list(self.losses), report, self.cache_seconds, train_seconds, self.step)
+        return TrainResult(self.output, list(self.losses), report, self.cache_seconds, train_seconds, self.step, start)
 
 
 def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True, log=None) -> TrainResult:

@@ -81,3 +81,20 @@ def test_the_cache_reads_without_unpickling(backbone, toy_data, tmp_path):
     np.save(c.folder / "image.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="image.npy.*unpickling, are refused"):
         cache.EncoderCache(c.folder, "cpu")
+
+
+def test_two_runs_building_the_same_cache_never_mix_their_files(backbone, toy_data, tmp_path, monkeypatch):
+    ds = dataset_of(backbone, toy_data)
+    folder = tmp_path / cache.cache_key(backbone, ds, "base")
+    abandoned = folder.with_name(f"{folder.name}.tmp-999999999")  # a build whose process was killed
+    abandoned.mkdir()
+    real_build = cache.build
+
+    def another_run_finishes_first(bb, dataset, variant, into, **kwargs):
+        real_build(bb, dataset, variant, folder)  # the other run renames its finished build into place
+        return real_build(bb, dataset, variant, into, **kwargs)
+
+    monkeypatch.setattr(cache, "build", another_run_finishes_first)
+    c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu")
+    assert c.folder == folder and (folder / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # our build and the abandoned one are gone

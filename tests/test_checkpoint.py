@@ -448,3 +448,12 @@ def test_files_without_metadata_load_as_before(saved, tmp_path):
     # only safetensors' own entry: nothing of ours either
     only_format = _with_metadata_file(path, tmp_path, format=None, format_version=None, variant=None, num_tokens=None)
     assert read_metadata(only_format) == {"format": "pt"} and metadata_of(load_ip_adapter(only_format)) == {}
+
+
+def test_resaving_a_loaded_file_keeps_its_metadata(tmp_path):
+    from ipa_lab.checkpoint import load_ip_adapter, read_metadata, write_checkpoint
+    from ipa_lab.pipeline import REPO_ROOT
+
+    source = REPO_ROOT / "data" / "ip-adapter-toy-plus" / "ip_adapter.safetensors"
+    write_checkpoint(tmp_path / "copy.safetensors", load_ip_adapter(source))
+    assert read_metadata(tmp_path / "copy.safetensors") == read_metadata(source)

@@ -270,3 +270,46 @@ def test_the_saved_config_is_the_run_config(toy_model, toy_data, tmp_path):
     trainer.run(progress=False)
     state = torch.load(trainer.output / "training_state.pt", weights_only=True)
     assert json.loads(state["config"]) == dataclasses.asdict(trainer.cfg) and state["step"] == 1
+
+
+def test_ctrl_c_during_a_step_finishes_that_step_then_saves(toy_model, toy_data, tmp_path, capsys):
+    import os
+    import signal
+
+    full = Trainer(config(toy_model, toy_data, tmp_path / "a", steps=4)).run(progress=False)
+    stopped = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4))
+    real_step = stopped.train_step
+
+    def ctrl_c_in_the_middle_of_step_1(step, batch=None):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the step is running
+        return real_step(step)
+
+    stopped.train_step = ctrl_c_in_the_middle_of_step_1
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress=False)
+    assert "saved step 2" in capsys.readouterr().err  # step 1 was finished, not abandoned
+    state = torch.load(stopped.output / "training_state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    resumed = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4, resume=True)).run(progress=False)
+    assert resumed.losses == full.losses
+
+
+def test_resume_settings_are_checked_before_any_model_loads(toy_model, toy_data, tmp_path, monkeypatch):
+    import ipa_lab.trainer as trainer_module
+
+    Trainer(config(toy_model, toy_data, tmp_path, steps=2)).run(progress=False)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the settings were checked")
+
+    monkeypatch.setattr(trainer_module, "load_backbone", no_loading)
+    with pytest.raises(ValueError, match="lr: saved 0.001, now 0.002"):
+        Trainer(config(toy_model, toy_data, tmp_path, steps=4, resume=True, lr=2e-3))
+
+
+def test_resume_without_a_state_restarts_only_a_run_that_never_completed_a_checkpoint(toy_model, toy_data, tmp_path):
+    Trainer(config(toy_model, toy_data, tmp_path, steps=4)).run(progress=False)
+    (tmp_path / "run" / "training_state.pt").unlink()  # a finished run whose state was deleted
+    with pytest.raises(FileNotFoundError, match="holds a run of 4 steps but no training_state.pt.*--overwrite"):
+        Trainer(config(toy_model, toy_data, tmp_path, steps=6, resume=True))
