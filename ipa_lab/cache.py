@@ -181,10 +181,8 @@ class EncoderCache:
         return latents, text, image
 
 
-def cache_size(bb, dataset, variant: str) -> tuple[CacheSize, dict]:
-    """Count distinct captions and images and probe the encoders once: the size before building."""
-    captions, _ = distinct([r["text"] for r in dataset.records])
-    files, _ = distinct([r["image_file"] for r in dataset.records])
+def cache_size(bb, dataset, variant: str, captions: list, files: list) -> tuple[CacheSize, dict]:
+    """Probe the encoders once on the first item: the cache's shapes and size, before building."""
     probe = dataset[0]
     with torch.no_grad():
         latent = bb.vae.encode(probe["pixel_values"][None].to(bb.vae.device, bb.vae.dtype)).latent_dist.mean
@@ -209,11 +207,11 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
     if folder.exists():
         shutil.rmtree(folder)  # a build that was killed: start again (no manifest, nothing reused)
     folder.mkdir(parents=True)
-    size, shapes = cache_size(bb, dataset, variant)
-    if log:
-        log(f"encoder cache: {size}")
     captions, caption_ids = distinct([r["text"] for r in dataset.records])
     files, image_ids = distinct([r["image_file"] for r in dataset.records])
+    size, shapes = cache_size(bb, dataset, variant, captions, files)
+    if log:
+        log(f"encoder cache: {size}")
     _save_npy(folder / "caption_ids.npy", caption_ids)
     _save_npy(folder / "image_ids.npy", image_ids)
     quiet_bar = {"disable": True} if log is None else {}  # else tqdm decides (TQDM_DISABLE=1 hides it)

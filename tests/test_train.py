@@ -69,19 +69,28 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(toy_model, toy_data, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _run_interrupted(trainer, at_step: int, interrupt) -> None:
+    """Run `trainer`, calling `interrupt()` as step `at_step` begins; the run must end in KeyboardInterrupt."""
+    real_step = trainer.train_step
+
+    def step(s, batch=None):
+        if s == at_step:
+            interrupt()
+        return real_step(s)
+
+    trainer.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=False)
+
+
 def test_ctrl_c_saves_first_and_resume_finishes_the_same_run(toy_model, toy_data, tmp_path, capsys):
     full = Trainer(config(toy_model, toy_data, tmp_path / "a", steps=4)).run(progress=False)
     stopped = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4))
-    real_step = stopped.train_step
 
-    def press_ctrl_c_at_step_3(step, batch=None):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(step)
+    def press_ctrl_c():
+        raise KeyboardInterrupt
 
-    stopped.train_step = press_ctrl_c_at_step_3
-    with pytest.raises(KeyboardInterrupt):
-        stopped.run(progress=False)
+    _run_interrupted(stopped, at_step=3, interrupt=press_ctrl_c)
     assert "saved step 3; continue with --resume" in capsys.readouterr().err
     resumed = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4, resume=True)).run(progress=False)
     assert resumed.losses == full.losses
@@ -278,16 +287,8 @@ def test_ctrl_c_during_a_step_finishes_that_step_then_saves(toy_model, toy_data,
 
     full = Trainer(config(toy_model, toy_data, tmp_path / "a", steps=4)).run(progress=False)
     stopped = Trainer(config(toy_model, toy_data, tmp_path / "b", steps=4))
-    real_step = stopped.train_step
-
-    def ctrl_c_in_the_middle_of_step_1(step, batch=None):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives while the step is running
-        return real_step(step)
-
-    stopped.train_step = ctrl_c_in_the_middle_of_step_1
-    with pytest.raises(KeyboardInterrupt):
-        stopped.run(progress=False)
+    # SIGINT arrives while step 1 is running
+    _run_interrupted(stopped, at_step=1, interrupt=lambda: os.kill(os.getpid(), signal.SIGINT))
     assert "saved step 2" in capsys.readouterr().err  # step 1 was finished, not abandoned
     state = torch.load(stopped.output / "training_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["losses"]) == 2
