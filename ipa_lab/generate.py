@@ -266,3 +266,24 @@ def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_
     return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                 generator=sample_generators(seed, len(prompt_embeds)), output_type=output_type).images
+
+
+@torch.no_grad()
+def sampling_loop(unet, scheduler, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                  latents: torch.Tensor, num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
+    """The denoising loop of `StableDiffusionPipeline.__call__`, with only what IP-Adapter needs
+    (notebook 5's exercise; the pipeline computes exactly this, bit for bit).
+
+    `latents` is the starting noise; `prompt_embeds` / `negative_prompt_embeds` already end with
+    the image tokens and the "no image" tokens. Both branches of classifier-free guidance run in
+    one UNet call on a doubled batch, unconditional half first, as the pipeline does.
+    Returns the final latents (decode them with the VAE)."""
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_uncond, noise_cond = unet(model_input, t, encoder_hidden_states=embeds).sample.chunk(2)
+        noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents).prev_sample
+    return latents

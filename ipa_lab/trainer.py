@@ -108,6 +108,24 @@ def load_backbone(model: str, device, dtype=torch.float32, image_encoder: str | 
     return bb
 
 
+def prepare_training(unet, vae, text_encoder, image_encoder, lr: float = 1e-4, weight_decay: float = 1e-2,
+                     num_tokens: int = 4, variant: str = "base", fused: bool = False):
+    """The original's setup, in its order: freeze the four models, build the projection, install
+    the processors, AdamW over the projection and `adapter_modules` (notebook 3's exercise).
+
+    Freezing comes first: the new `to_k_ip` / `to_v_ip` become submodules of the UNet, so a
+    freeze after the install would freeze them too. The self-attention processors in
+    `adapter_modules` have no parameters, so they add nothing to the optimizer.
+    Returns (image_proj_model, adapter_modules, optimizer)."""
+    freeze(unet, vae, text_encoder, image_encoder)
+    image_proj_model = build_image_projection(dict(unet.config), image_encoder.config.to_dict(), variant,
+                                              num_tokens).to(unet.device)
+    adapter_modules = install_ip_adapter(unet, num_tokens=num_tokens)
+    params = itertools.chain(image_proj_model.parameters(), adapter_modules.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return image_proj_model, adapter_modules, optimizer
+
+
 # ----------------------------------------------------------------------------- randomness
 @dataclass
 class Draw:
@@ -215,23 +233,33 @@ class ReferenceInputs:
         return latents.float(), text, image
 
 
-def diffusion_loss(ip_adapter: IPAdapter, noise_scheduler, latents, text, image, d: Draw, device) -> torch.Tensor:
+def diffusion_loss(ip_adapter: IPAdapter, noise_scheduler, latents, text, image, noise, timesteps) -> torch.Tensor:
     """Add DDPM noise at the drawn timesteps and score the UNet's prediction (MSE).
 
     The target is what the scheduler says the UNet predicts: the noise (`epsilon`, SD 1.5) or
     the velocity (`v_prediction`, SD 2.x at 768 px), as in diffusers' training examples."""
-    noise, t = d.noise.to(device), d.timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
     elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"the scheduler's prediction_type is {kind!r}; IP-Adapter training supports "
                          f"{' and '.join(PREDICTION_TYPES)}")
-    pred = ip_adapter(noisy, t, text, image)
+    pred = ip_adapter(noisy, timesteps, text, image)
     return F.mse_loss(pred.float(), target.float())
+
+
+def training_step(ip_adapter: IPAdapter, optimizer, noise_scheduler, latents, text_embeds, image_embeds, noise,
+                  timesteps) -> float:
+    """One optimizer step in plain PyTorch (notebook 4's exercise; `Trainer.train_step` is the
+    same step through accelerate): noise the latents, predict, MSE, backward, step; the loss."""
+    loss = diffusion_loss(ip_adapter, noise_scheduler, latents, text_embeds, image_embeds, noise, timesteps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -330,15 +358,10 @@ class Trainer:
         self.dataset.image_processor, self.dataset.resolution = bb.feature_extractor, self.resolution
         if cfg.channels_last:
             bb.unet.to(memory_format=torch.channels_last)
-        image_proj = build_image_projection(dict(bb.unet.config), bb.image_encoder.config.to_dict(), cfg.variant,
-                                            cfg.num_tokens).to(self.device)
-        adapter_modules = install_ip_adapter(bb.unet, num_tokens=cfg.num_tokens)
+        image_proj, adapter_modules, self.optimizer = prepare_training(
+            bb.unet, bb.vae, bb.text_encoder, bb.image_encoder, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            num_tokens=cfg.num_tokens, variant=cfg.variant, fused=cfg.fused_adamw and self.device.type == "cuda")
         self.ip_adapter = IPAdapter(bb.unet, image_proj, adapter_modules)
-        # As the original: AdamW over the projection and adapter_modules. The self-attention
-        # processors in adapter_modules have no parameters, so they add nothing.
-        params = list(itertools.chain(image_proj.parameters(), adapter_modules.parameters()))
-        fused = {"fused": True} if cfg.fused_adamw and self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.model, self.optimizer = self.accelerator.prepare(self.ip_adapter, self.optimizer)
         if cfg.compile:
             bb.unet.compile()
@@ -381,7 +404,8 @@ class Trainer:
         d = self.draw(step)
         latents, text, image = self.inputs(d, self.device, batch) if batch else self.inputs(d, self.device)
         with self.accelerator.autocast():
-            return diffusion_loss(self.model, self.bb.noise_scheduler, latents, text, image, d, self.device)
+            return diffusion_loss(self.model, self.bb.noise_scheduler, latents, text, image, d.noise.to(self.device),
+                                  d.timesteps.to(self.device))
 
     def train_step(self, step: int, batch: dict | None = None) -> float:
         loss = self.loss(step, batch)

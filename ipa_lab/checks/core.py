@@ -95,8 +95,15 @@ def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
             f"({first_line(error)}); expected {_expected(check)}")
 
 
-def checker(check):
-    """Turn `check(fn) -> str` (the pass message; raises CheckFailed) into a verdict printer."""
+def checker(check=None, *, fallback: str | None = None):
+    """Turn `check(fn) -> str` (the pass message; raises CheckFailed) into a verdict printer.
+
+    `fallback` (used by `builds`) names what the notebook uses when the answer does not pass; the
+    verdict line then says so."""
+    if check is None:
+        return functools.partial(checker, fallback=fallback)
+    carry_on = "the notebook carries on with " + (fallback or "ipa_lab's version")
+    then = f"; {carry_on} until yours passes" if fallback else ""
 
     @functools.wraps(check)
     def run(fn) -> bool:
@@ -109,17 +116,19 @@ def checker(check):
         try:
             msg = check(learner)
         except NotYetImplemented:
-            print(f"TODO {name}: not yet implemented (the notebook carries on with ipa_lab's version)")
+            print(f"TODO {name}: not yet implemented ({carry_on})")
             return False
         except CheckFailed as e:
-            print(f"FAIL {name}: {e}")
+            print(f"FAIL {name}: {e}{then}")
             return False
         except LearnerRaised as e:  # the learner's code crashed: say where, briefly
-            print(f"FAIL {name}: your code raised {first_line(e.error)}")
+            print(f"FAIL {name}: your code raised {first_line(e.error)}{then}")
             return False
         except Exception as e:  # the checker stumbled on the answer: not the learner's crash
-            print(f"FAIL {name}: {_unusable(check, learner, e)}")
+            print(f"FAIL {name}: {_unusable(check, learner, e)}{then}")
             return False
+        if fallback:
+            msg = f"{msg.rstrip('.')}. The notebook uses yours from here on."
         print(f"PASS {name}: {msg}")
         return True
 
@@ -168,3 +177,36 @@ def as_whole_number(value) -> int | None:
     if number is None or not number.is_integer():  # is_integer() is False for nan and inf
         return None
     return int(number)
+
+
+def reference(path: str):
+    """The object at a dotted path inside ipa_lab, e.g. "projection.ImageProjModel"."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(f"ipa_lab.{module}"), name)
+
+
+def builds(path: str):
+    """For an exercise that builds a piece the notebook goes on to use (a module, a loop).
+
+    `check(piece) -> str` is written as for `checker`. The decorated function prints the verdict
+    and returns the piece to use from then on: the learner's own when it passed, otherwise
+    ipa_lab's reference at `path` (a dotted path inside ipa_lab), and the verdict line says so. So
+    a notebook writes ``ImageProjModel = checks.image_proj_model(ImageProjModel)``, and a student
+    copy with the exercise still unsolved runs to its end on the package's version.
+    `.passed(piece)` gives the bare True/False verdict (for tests)."""
+
+    def wrap(check):
+        name = path.rpartition(".")[2]
+        verdict = checker(check, fallback=f"ipa_lab's {name}")
+
+        @functools.wraps(check)
+        def run(piece):
+            return piece if verdict(piece) else reference(path)
+
+        run.passed = verdict
+        run.reference_path = path
+        return run
+
+    return wrap
