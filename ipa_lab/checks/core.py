@@ -210,3 +210,39 @@ def builds(path: str):
         return run
 
     return wrap
+
+
+class _LearnerMethod(LearnerFunction):
+    """A call on a learner-built object whose result counts as the learner's answer (see learner_code)."""
+
+    def __init__(self, obj, owner: LearnerFunction):
+        super().__init__(obj)
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        result = super().__call__(*args, **kwargs)
+        self.owner.returned = result
+        return result
+
+
+def learner_code(obj, owner: LearnerFunction | None = None) -> LearnerFunction:
+    """A learner-built object (a module made by the learner's class) called as learner code.
+
+    For a class exercise, the checker builds the instance through the LearnerFunction around the
+    class; calls on that instance go through this wrapper too, so a crash in the learner's
+    `forward` reads "your code raised ..." and a stubbed method reads TODO. With `owner` (the
+    LearnerFunction around the class), what the call returns becomes the owner's `returned`: a
+    verdict about an answer the checker cannot use then describes the forward's output (a tensor),
+    not the module that made it."""
+    return LearnerFunction(obj) if owner is None else _LearnerMethod(obj, owner)
+
+
+@functools.lru_cache(maxsize=1)
+def toy_pipeline():
+    """The shipped toy pipeline, loaded once per process (checkers run again and again in a notebook).
+
+    Shared by every checker: never mutate what it holds; deep-copy a model (`copy.deepcopy`)
+    before installing processors in it, freezing it or training it."""
+    from ..pipeline import load_pipeline
+
+    return load_pipeline()
