@@ -1,10 +1,11 @@
-"""One setup call for every notebook, script and test: seeds, device, quiet libraries.
+"""One setup call for every notebook, script and test: seeds, device, quiet libraries, CPU threads.
 
 Notebooks are re-run by nbval, which compares their stored outputs, so everything that could
 make two runs differ (random seeds, progress bars, library warnings) is settled here, once.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import warnings
@@ -46,8 +47,58 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def setup(seed: int = 0, device: str | None = None) -> torch.device:
-    """Seed everything, quiet the libraries, use deterministic kernels; return the device."""
+THREADS_VARIABLE = "IPA_LAB_THREADS"
+
+
+def _thread_count(value, source: str) -> int:
+    """`value` as a number of CPU threads, else a ValueError naming `source`.
+
+    The environment gives a string ("2", " 2 "); the `threads` argument must be an int (numpy's
+    integers too), not a bool, a float or a string."""
+    number = None
+    if isinstance(value, str) and source != "threads":
+        try:
+            number = int(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    if number is None or number < 1:
+        example, default = (("threads=1", "None") if source == "threads"
+                            else (f"{THREADS_VARIABLE}=1", "unset it"))
+        raise ValueError(f"{source} is {value!r}; expected a whole number of CPU threads >= 1 (e.g. {example}), "
+                         f"or {default} to keep PyTorch's default")
+    return number
+
+
+def set_threads(threads: int | None = None) -> int | None:
+    """Set torch's CPU threads: `threads` if given, else the IPA_LAB_THREADS environment variable.
+
+    With neither (or the variable set to an empty string), nothing changes: PyTorch keeps its own
+    default, which already follows OMP_NUM_THREADS. Returns the number set, or None."""
+    if threads is not None:
+        n = _thread_count(threads, "threads")
+    else:
+        value = os.environ.get(THREADS_VARIABLE, "")
+        if not value.strip():
+            return None
+        n = _thread_count(value, f"the environment variable {THREADS_VARIABLE}")
+    torch.set_num_threads(n)
+    return n
+
+
+def setup(seed: int = 0, device: str | None = None, threads: int | None = None) -> torch.device:
+    """Seed everything, quiet the libraries, use deterministic kernels, set the CPU threads; return the device.
+
+    `threads` (or, when it is None, the environment variable IPA_LAB_THREADS, a whole number >= 1)
+    sets torch's CPU threads with torch.set_num_threads; with neither, PyTorch's default is kept
+    (one thread per core, or OMP_NUM_THREADS when that is set). The setting exists for classes:
+    on a shared server several kernels run on the same cores, and each one by default starts a
+    thread per core, so four kernels on 2 cores run 8 threads that wait on each other. Measured
+    with four toy training runs at once on 2 cores: 12.6 times as long as one run with the default
+    threads, 2.5 times with one thread each (docs/contention.sh, docs/teaching.md). A bad value
+    raises ValueError naming the setting, the value and what is expected."""
+    set_threads(threads)
     quiet()
     seed_everything(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
