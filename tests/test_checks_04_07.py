@@ -1,12 +1,13 @@
 """The exercise checkers of notebooks 04-07: each passes the solution, reports a stub as TODO and
-names what is wrong in a plausible wrong answer (without ever raising)."""
+names what is wrong in a plausible wrong answer (without ever raising). The build exercises of
+these notebooks (training_step, sampling_loop, perceiver_attention) are in test_checks_build_04_06.py."""
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ipa_lab import checks
-from verdicts import assert_fail, assert_pass, assert_todo, assert_unusable
+from verdicts import assert_fail, assert_pass, assert_todo, assert_unusable, verdict
 
 
 # --- notebook 04 ---------------------------------------------------------------------------
@@ -35,6 +36,35 @@ def test_drop_decision(capsys):
     assert_fail(capsys, checks.drop_decision, lambda u, i, t, b: u < i, "pair (drop_image, drop_text)")
 
 
+def test_drop_decision_names_bands_that_each_start_from_zero(capsys):
+    """u < p_text for the text band (not the running sum p_image + p_text) first fails exactly on the
+    band's start, where a hint about `<` would mislead: the checker names the running sum instead."""
+    def text_from_zero(u, p_image, p_text, p_both):
+        return drop_decision_solution(u, p_image, p_text - p_image, p_both + p_image)  # ends p_image, p_text, sum
+
+    def all_from_zero(u, p_image, p_text, p_both):
+        if u < p_image:
+            return True, False
+        if u < p_text:
+            return False, True
+        if u < p_both:
+            return True, True
+        return False, False
+
+    for answer in (text_from_zero, all_from_zero):
+        ok, out = verdict(capsys, checks.drop_decision, answer)
+        assert ok is False and "running sum" in out and "exactly on the start" not in out, out
+
+
+def test_numpy_answers_are_numbers(capsys):
+    """np.int64, np.float32 and np.bool_ (what numpy code returns) count as numbers and booleans."""
+    assert_pass(capsys, checks.drop_decision, lambda *a: tuple(np.bool_(x) for x in drop_decision_solution(*a)))
+    assert_pass(capsys, checks.global_batch, lambda b, n, size: (np.int64(b * n), np.int64(size // (b * n))))
+    assert_pass(capsys, checks.adamw_state_bytes, lambda n: np.int64(8) * n)
+    assert_pass(capsys, checks.adamw_state_bytes, lambda n: np.float64(8 * n))
+    assert_pass(capsys, checks.static_training_bytes, lambda f, t, b: np.int64(f) * b + np.int64(16) * t)
+
+
 def noisy_solution(latents, noise, timesteps, alphas_cumprod):
     a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     return a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -53,17 +83,6 @@ def test_noisy_latents(capsys):
     assert_fail(capsys, checks.noisy_latents, lambda x, n, t, ab: ab[t[0]].sqrt() * x + (1 - ab[t[0]]).sqrt() * n,
                 "first sample's timestep")
     assert_fail(capsys, checks.noisy_latents, lambda x, n, t, ab: x[:1], "shape")
-
-
-def test_diffusion_loss(capsys):
-    assert_pass(capsys, checks.diffusion_loss, lambda pred, noise, latents: F.mse_loss(pred, noise))
-    assert_todo(capsys, checks.diffusion_loss)
-    assert_fail(capsys, checks.diffusion_loss, lambda pred, noise, latents: F.mse_loss(pred, latents), "target is the noise")
-    assert_fail(capsys, checks.diffusion_loss, lambda pred, noise, latents: ((pred - noise) ** 2).sum(), "summed")
-    assert_fail(capsys, checks.diffusion_loss, lambda pred, noise, latents: (pred - noise).abs().mean(), "absolute")
-    assert_fail(capsys, checks.diffusion_loss, lambda pred, noise, latents: F.mse_loss(pred, noise).detach(),
-                "no gradient")
-    assert_fail(capsys, checks.diffusion_loss, lambda pred, noise, latents: (pred - noise) ** 2, "one number")
 
 
 # --- notebook 05 ---------------------------------------------------------------------------
@@ -105,52 +124,7 @@ def test_guidance(capsys):
     assert_fail(capsys, checks.guidance, lambda u, c, w: c, "guidance_scale=7.5")
 
 
-# --- notebook 06 ---------------------------------------------------------------------------
-def test_perceiver_kv_input(capsys):
-    assert_pass(capsys, checks.perceiver_kv_input, lambda f, l: torch.cat([f, l], dim=-2))
-    assert_pass(capsys, checks.perceiver_kv_input, lambda f, l: torch.cat([l, f], dim=1))  # same attention
-    assert_todo(capsys, checks.perceiver_kv_input)
-    assert_fail(capsys, checks.perceiver_kv_input, lambda f, l: f, "features alone")
-    assert_fail(capsys, checks.perceiver_kv_input, lambda f, l: l, "latents alone")
-    assert_fail(capsys, checks.perceiver_kv_input, lambda f, l: torch.cat([f, l], dim=-1), "raised RuntimeError")
-    assert_fail(capsys, checks.perceiver_kv_input, lambda f, l: torch.cat([f, f[:, :16]], dim=-2), "expected torch.cat")
-
-
-def test_perceiver_scores(capsys):
-    def solution(q, k, dim_head):
-        scale = dim_head ** -0.25
-        return (q * scale) @ (k * scale).transpose(-2, -1)
-
-    assert_pass(capsys, checks.perceiver_scores, solution)
-    assert_pass(capsys, checks.perceiver_scores, lambda q, k, d: q @ k.transpose(-2, -1) / d ** 0.5)
-    assert_todo(capsys, checks.perceiver_scores)
-    assert_fail(capsys, checks.perceiver_scores, lambda q, k, d: q @ k.transpose(-2, -1), "not scaled")
-    assert_fail(capsys, checks.perceiver_scores, lambda q, k, d: (q * d ** -0.5) @ (k * d ** -0.5).transpose(-2, -1),
-                "1/dim_head")
-    assert_fail(capsys, checks.perceiver_scores, lambda q, k, d: q.transpose(-2, -1) @ q, "transpose")
-
-
-def resampler_solution(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult):
-    inner = dim_head * heads
-    attention = 4 * dim + dim * inner + dim * 2 * inner + inner * dim  # norm1, norm2, to_q, to_kv, to_out
-    hidden = int(dim * ff_mult)
-    ff = 2 * dim + dim * hidden + hidden * dim  # LayerNorm, two bias-free linears
-    return (num_queries * dim + embedding_dim * dim + dim + depth * (attention + ff)
-            + dim * output_dim + output_dim + 2 * output_dim)
-
-
-def test_resampler_parameters(capsys):
-    assert_pass(capsys, checks.resampler_parameters, resampler_solution)
-    assert resampler_solution(768, 4, 64, 12, 16, 1280, 768, 4) == 29_918_208
-    assert_todo(capsys, checks.resampler_parameters)
-    assert_fail(capsys, checks.resampler_parameters,
-                lambda **kw: resampler_solution(**kw) - kw["num_queries"] * kw["dim"], "learned latents")
-    assert_fail(capsys, checks.resampler_parameters,
-                lambda **kw: resampler_solution(**kw) - kw["depth"] * 4 * kw["dim"], "norm1")
-    assert_fail(capsys, checks.resampler_parameters,
-                lambda **kw: resampler_solution(**kw) - kw["depth"] * kw["dim"] * kw["dim_head"] * kw["heads"],
-                "keys AND values")
-    assert_fail(capsys, checks.resampler_parameters, lambda **kw: resampler_solution(**kw) + 1, "off by +1")
+# notebook 06's exercise builds PerceiverAttention: tests/test_checks_build_04_06.py
 
 
 # --- notebook 07 ---------------------------------------------------------------------------
@@ -183,3 +157,16 @@ def test_static_training_bytes(capsys):
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + 8 * t, "16 bytes each")
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: (f + t) * b, "gradients and AdamW state")
     assert_unusable(capsys, checks.static_training_bytes, lambda f, t, b: "16 GB", "return a number")
+
+
+def test_static_training_bytes_names_gradients_at_the_frozen_width(capsys):
+    """2-byte gradients are not "no gradients": the trainable parameters are fp32, so are their gradients."""
+    assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + t * (4 + 2 + 8), "gradients at 2 bytes",
+                "fp32")
+    assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + t * (4 + b + 8),
+                "gradients with frozen_bytes_per_param", "4 bytes each")
+    # weights and gradients of the adapter at the frozen width: 12 bytes at b = 2, like "no gradients"
+    assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: (f + t) * b + t * (b + 8),
+                "trainable weights and their gradients with frozen_bytes_per_param")
+    assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + 12 * t,
+                "left out the trainable weights' gradients")

@@ -25,9 +25,9 @@ from .nb00_overview import latent_shape, encoder_hidden_states_shape
 from .nb01_image_projection import image_proj_model
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
 from .nb03_freeze_and_count import params_to_opt, adapter_parameters, prepare_training
-from .nb04_training_loop import drop_decision, noisy_latents, diffusion_loss
-from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance
-from .nb06_ip_adapter_plus import perceiver_kv_input, perceiver_scores, resampler_parameters
+from .nb04_training_loop import drop_decision, noisy_latents, training_step
+from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
+from .nb06_ip_adapter_plus import perceiver_attention
 from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
 
 __all__ = [
@@ -35,9 +35,9 @@ __all__ = [
     "image_proj_model",
     "hidden_size_of", "decoupled_attention", "ip_attn_processor", "install_ip_adapter",
     "params_to_opt", "adapter_parameters", "prepare_training",
-    "drop_decision", "noisy_latents", "diffusion_loss",
-    "compose_prompt_embeds", "unconditional_image_tokens", "guidance",
-    "perceiver_kv_input", "perceiver_scores", "resampler_parameters",
+    "drop_decision", "noisy_latents", "training_step",
+    "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
+    "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
     "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
 ]

@@ -1,12 +1,19 @@
-"""Notebook 04, the training loop: dropping conditions, adding noise, scoring the prediction.
+"""Notebook 04, the training loop: dropping conditions, adding noise, one optimizer step.
 
-One uniform draw decides what is dropped; DDPM noise at a timestep; the epsilon-prediction loss.
+One uniform draw decides what is dropped; DDPM noise at a timestep; the whole training step
+(noise, predict, MSE against the noise, zero_grad / backward / step), checked against the
+package's `ipa_lab.trainer.training_step` on two copies of the same toy model.
 """
 from __future__ import annotations
 
-import torch
+import copy
+import functools
+import numbers
 
-from .core import CheckFailed, checker, expect, expect_close, expect_shape
+import torch
+import torch.nn.functional as F
+
+from .core import CheckFailed, builds, checker, describe, expect, expect_close, expect_shape, reference, toy_pipeline
 
 
 def _as_bool_pair(value, what: str) -> tuple[bool, bool]:
@@ -17,35 +24,63 @@ def _as_bool_pair(value, what: str) -> tuple[bool, bool]:
         raise CheckFailed(f"{what}: return a pair (drop_image, drop_text) of booleans, got {value!r}") from None
 
 
+_ANSWERS = ((True, False), (False, True), (True, True))  # image, text, both dropped; past them: keep both
+
+
+def _banded(u: float, upper_bounds) -> tuple[bool, bool]:
+    """The answer of a draw against three band ends (image, text, both), tested in that order."""
+    for upper, answer in zip(upper_bounds, _ANSWERS):
+        if u < upper:
+            return answer
+    return False, False
+
+
+def _non_cumulative(p_i: float, p_t: float, p_b: float) -> list[tuple[float, float, float]]:
+    """Band ends that compare u with a probability alone instead of the running sum."""
+    return [(p_i, p_t, p_i + p_t + p_b), (p_i, p_i + p_t, p_b), (p_i, p_t, p_b), (p_i, p_t, p_t + p_b)]
+
+
+def _drop_probes():
+    """(what, rates, band, lo, hi, u, want) for the start, middle and end of every band, two recipes."""
+    recipes = [("the original's rates (0.05, 0.05, 0.05)", (0.05, 0.05, 0.05)),
+               ("this course's short-run rates (0.05, 0.5, 0.05)", (0.05, 0.5, 0.05))]
+    for what, (p_i, p_t, p_b) in recipes:
+        bands = [("image", 0.0, p_i), ("text", p_i, p_i + p_t), ("both", p_i + p_t, p_i + p_t + p_b),
+                 ("keep", p_i + p_t + p_b, 1.0)]
+        for (band, lo, hi), want in zip(bands, _ANSWERS + ((False, False),)):
+            for u in (lo, (lo + hi) / 2, hi - 1e-9):
+                yield what, (p_i, p_t, p_b), band, lo, hi, u, want
+
+
 @checker
 def drop_decision(fn) -> str:
     """fn(u, p_image, p_text, p_both) -> (drop_image, drop_text) for one uniform draw u in [0, 1)."""
-    recipes = [("the original's rates (0.05, 0.05, 0.05)", 0.05, 0.05, 0.05),
-               ("this course's short-run rates (0.05, 0.5, 0.05)", 0.05, 0.5, 0.05)]
-    for what, p_i, p_t, p_b in recipes:
-        bands = [("image", 0.0, p_i, (True, False)), ("text", p_i, p_i + p_t, (False, True)),
-                 ("both", p_i + p_t, p_i + p_t + p_b, (True, True)), ("keep", p_i + p_t + p_b, 1.0, (False, False))]
-        for band, lo, hi, want in bands:
-            for u in (lo, (lo + hi) / 2, hi - 1e-9):
-                got = _as_bool_pair(fn(u, p_i, p_t, p_b), f"u={u:.4f} with {what}")
-                if got == want:
-                    continue
-                where = f"u={u:.4f} with {what}"
-                if band == "both":
-                    raise CheckFailed(f"{where} falls in the 'both' band [{lo:.2f}, {hi:.2f}): drop the image AND the "
-                                      f"text, expected {want}, got {got}. One draw decides one of four cases")
-                if band == "keep":
-                    raise CheckFailed(f"{where} is past all three bands (they end at p_image + p_text + p_both = "
-                                      f"{lo:.2f}): keep both, expected {want}, got {got}")
-                if u == lo and lo > 0:
-                    raise CheckFailed(f"{where} sits exactly on the start of the '{band}' band [{lo:.2f}, {hi:.2f}): "
-                                      f"expected {want}, got {got}. Use u < upper bound, so each band includes its "
-                                      "lower end")
-                raise CheckFailed(f"{where} falls in the '{band}' band [{lo:.2f}, {hi:.2f}): expected (drop_image, "
-                                  f"drop_text) = {want}, got {got}. The bands are consecutive: image [0, p_image), "
-                                  "text [p_image, p_image + p_text), both [.., .. + p_both), keep the rest")
-    return ("one uniform draw, four consecutive bands: image / text / both dropped, or keep; with the original's "
-            "rates 85% of the samples keep both.")
+    probes = [(probe, _as_bool_pair(fn(probe[5], *probe[1]), f"u={probe[5]:.4f} with {probe[0]}"))
+              for probe in _drop_probes()]
+    wrong = [(probe, got) for probe, got in probes if got != probe[6]]
+    if not wrong:
+        return ("one uniform draw, four consecutive bands: image / text / both dropped, or keep; with the "
+                "original's rates 85% of the samples keep both.")
+    (what, rates, band, lo, hi, u, want), got = wrong[0]
+    where = f"u={u:.4f} with {what}"
+    # Bands that each start from 0 (u < p_text) overlap: name that before the edge-case hints below.
+    for ends in range(4):
+        if all(got == _banded(probe[5], _non_cumulative(*probe[1])[ends]) for probe, got in probes):
+            raise CheckFailed(f"{where} falls in the '{band}' band [{lo:.2f}, {hi:.2f}): expected {want}, got {got}. "
+                              "The bands are consecutive: compare with the running sum (text: u < p_image + p_text; "
+                              "both: u < p_image + p_text + p_both), not with one probability alone")
+    if band == "both":
+        raise CheckFailed(f"{where} falls in the 'both' band [{lo:.2f}, {hi:.2f}): drop the image AND the "
+                          f"text, expected {want}, got {got}. One draw decides one of four cases")
+    if band == "keep":
+        raise CheckFailed(f"{where} is past all three bands (they end at p_image + p_text + p_both = "
+                          f"{lo:.2f}): keep both, expected {want}, got {got}")
+    if u == lo and lo > 0:
+        raise CheckFailed(f"{where} sits exactly on the start of the '{band}' band [{lo:.2f}, {hi:.2f}): "
+                          f"expected {want}, got {got}. Use u < upper bound, so each band includes its lower end")
+    raise CheckFailed(f"{where} falls in the '{band}' band [{lo:.2f}, {hi:.2f}): expected (drop_image, "
+                      f"drop_text) = {want}, got {got}. The bands are consecutive: image [0, p_image), "
+                      "text [p_image, p_image + p_text), both [.., .. + p_both), keep the rest")
 
 
 @checker
@@ -89,25 +124,188 @@ def noisy_latents(fn) -> str:
     return passed
 
 
-@checker
-def diffusion_loss(fn) -> str:
-    """fn(noise_pred, noise, latents) -> the training loss (a scalar tensor)."""
-    gen = torch.Generator().manual_seed(1)
-    latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
-    pred = (noise + 0.3 * torch.randn(3, 4, 8, 8, generator=gen)).requires_grad_(True)
-    want = torch.nn.functional.mse_loss(pred, noise)
-    got = fn(pred, noise, latents)
-    expect(isinstance(got, torch.Tensor), f"return a torch.Tensor, got {type(got).__name__}")
-    expect(got.numel() == 1, f"return one number (the mean over every element), got shape {tuple(got.shape)}")
-    value = got.float().reshape(()).item()
-    expect(abs(value - torch.nn.functional.mse_loss(pred, latents).item()) > 1e-4,
-           "you compared the prediction with the clean latents; the UNet predicts the noise that was added "
-           "(epsilon prediction), so the target is the noise")
-    expect(abs(value - ((pred - noise) ** 2).sum().item()) > 1e-3,
-           "you summed the squared errors; the original takes the mean (F.mse_loss(..., reduction='mean'))")
-    expect(abs(value - (pred - noise).abs().mean().item()) > 1e-4,
-           "that is the mean absolute error; the diffusion loss is the mean *squared* error")
-    expect(abs(value - want.item()) < 1e-5, f"your loss is {value:.5f}, expected {want.item():.5f}")
-    expect(got.requires_grad, "your loss carries no gradient (.item(), .detach() or torch.no_grad()?): the "
-           "optimizer needs loss.backward() to reach the adapter")
-    return "MSE between the predicted and the true noise, averaged over every element."
+# ---------------------------------------------------------------------------------------------
+# training_step: two steps on a copy of the toy model, compared with the package's step
+LEARNING_RATE = 1e-3  # large enough that one AdamW step moves every trainable weight visibly
+
+
+@functools.lru_cache(maxsize=1)
+def _step_template():
+    """The starting point of every run: the shipped toy UNet, frozen, with the package's adapter
+    installed, and a seeded projection, as an `IPAdapter`. Shared: runs deep-copy it."""
+    from ..adapter import freeze, install_ip_adapter
+    from ..projection import ImageProjModel
+    from ..trainer import IPAdapter
+
+    pipe = toy_pipeline()
+    unet = copy.deepcopy(pipe.unet)
+    freeze(unet)  # freeze first, then install: the new to_k_ip / to_v_ip stay trainable
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        image_proj_model = ImageProjModel(cross_attention_dim=unet.config.cross_attention_dim,
+                                          clip_embeddings_dim=pipe.image_encoder.config.projection_dim,
+                                          clip_extra_context_tokens=4)
+    return IPAdapter(unet, image_proj_model, install_ip_adapter(unet))
+
+
+@functools.lru_cache(maxsize=1)
+def _step_inputs() -> dict:
+    """A batch of 2 (latents, 8 text tokens, image embeddings) and, per step, its noise and timesteps."""
+    gen = torch.Generator().manual_seed(8)
+    template = _step_template()
+    width, embed = template.unet.config.cross_attention_dim, template.image_proj_model.clip_embeddings_dim
+    return {"latents": torch.randn(2, 4, 8, 8, generator=gen), "text_embeds": torch.randn(2, 8, width, generator=gen),
+            "image_embeds": torch.randn(2, embed, generator=gen),
+            "steps": [(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([100, 700])),
+                      (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([400, 900]))]}
+
+
+def _noise_scheduler():
+    """The training scheduler: DDPM with the toy pipeline's beta schedule (as `load_backbone` builds it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(toy_pipeline().scheduler.config)
+
+
+class _Run:
+    """One fresh copy of the setup with its own AdamW, stepped by a training_step function."""
+
+    def __init__(self):
+        self.ip_adapter = copy.deepcopy(_step_template())
+        self.trainable = {n: p for n, p in self.ip_adapter.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=LEARNING_RATE)
+        self.noise_scheduler = _noise_scheduler()
+
+    def step(self, fn, k: int):
+        """Step `k` (0 or 1): the same batch, its own noise and timesteps; clones, so fn may change them."""
+        data = _step_inputs()
+        noise, timesteps = data["steps"][k]
+        return fn(self.ip_adapter, self.optimizer, self.noise_scheduler, data["latents"].clone(),
+                  data["text_embeds"].clone(), data["image_embeds"].clone(), noise.clone(), timesteps.clone())
+
+    def weights(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def grads(self) -> dict:
+        return {n: None if p.grad is None else p.grad.detach().clone() for n, p in self.trainable.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_steps() -> tuple:
+    """(loss, weights, grads) after each of the two steps of the package's training_step."""
+    run, records = _Run(), []
+    for k in range(2):
+        loss = run.step(reference("trainer.training_step"), k)
+        records.append((loss, run.weights(), run.grads()))
+    return tuple(records)
+
+
+def _as_loss(value, k: int) -> float:
+    """The returned loss as a float; a tensor is refused: it keeps the step's whole graph alive."""
+    if isinstance(value, torch.Tensor):
+        raise CheckFailed(f"step {k + 1} returned {describe(value)}: return loss.item(), a Python float. A tensor "
+                          "keeps the whole graph of the step (every activation) alive as long as you keep it, "
+                          "e.g. in a list of losses")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CheckFailed(f"step {k + 1} returned {describe(value)}: return the loss as a float, loss.item()")
+    return float(value)
+
+
+def _same_number(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(1.0, abs(b))
+
+
+def _wrong_losses():
+    """(loss, what is wrong) of plausible wrong steps, from the starting weights and step 1's draw.
+
+    Lazy: each costs one forward pass of the UNet, and only a wrong loss needs them."""
+    template, data = _step_template(), _step_inputs()
+    noise, t = data["steps"][0]
+    latents, text = data["latents"], data["text_embeds"]
+    with torch.no_grad():
+        tokens = template.image_proj_model(data["image_embeds"])
+        noisy = _noise_scheduler().add_noise(latents, noise, t)
+        predict = lambda x, states: template.unet(x, t, states).sample  # noqa: E731
+        right = predict(noisy, torch.cat([text, tokens], 1))
+        yield F.mse_loss(right, latents).item(), ("the target is the noise, not the clean latents: the UNet "
+                                                  "predicts the noise that was added (epsilon prediction)")
+        yield F.mse_loss(predict(latents, torch.cat([text, tokens], 1)), noise).item(), (
+            "the UNet got the clean latents: add the noise first (noisy_latents(latents, noise, timesteps, "
+            "noise_scheduler.alphas_cumprod)) and predict from the noisy ones")
+        yield F.mse_loss(predict(noisy, torch.cat([tokens, text], 1)), noise).item(), (
+            "the image tokens come before the text: IPAttnProcessor takes the LAST num_tokens tokens as the "
+            "image, so append them after the text, torch.cat([text_embeds, image_tokens], dim=1)")
+        yield F.mse_loss(predict(noisy, text), noise).item(), (
+            "the UNet never saw the image tokens: project image_embeds with ip_adapter.image_proj_model and "
+            "append the tokens after the text")
+        yield ((right - noise) ** 2).sum().item(), ("you summed the squared errors; the original takes the mean, "
+                                                    "F.mse_loss(noise_pred, noise)")
+        yield (right - noise).abs().mean().item(), ("that is the mean absolute error; the loss is the mean "
+                                                     "*squared* error")
+
+
+def _check_loss(loss: float, want: float, k: int) -> None:
+    """Step k's loss is the reference's; a wrong first loss is matched against the plausible mistakes."""
+    if _same_number(loss, want):
+        return
+    if k == 0:
+        for wrong, message in _wrong_losses():
+            expect(not _same_number(loss, wrong), f"step 1 returned loss {loss:.5f}: {message}")
+    raise CheckFailed(f"step {k + 1} returned loss {loss:.5f}, expected {want:.5f}: noise the latents at the "
+                      "timesteps, predict with the UNet on [text; image tokens], MSE against the noise")
+
+
+def _check_frozen(run: _Run, k: int) -> None:
+    """The frozen UNet must come out of the step bit for bit as it went in."""
+    start = dict(_step_template().named_parameters())
+    for name, p in run.ip_adapter.named_parameters():
+        if name not in run.trainable:
+            expect(torch.equal(p, start[name]), f"step {k + 1} changed the frozen weight {name}: only the "
+                   "projection and to_k_ip / to_v_ip may change (they alone are in the optimizer)")
+
+
+def _max_difference(a: dict, b: dict) -> tuple[float, str]:
+    """The largest difference between two weight dicts, and the name where it is."""
+    return max(((a[n] - b[n]).abs().max().item(), n) for n in b)
+
+
+def _check_weights(run: _Run, k: int, before: dict) -> None:
+    """After step k the trainable weights are the reference's; if not, the gradients say why."""
+    _, want, want_grads = _reference_steps()[k]
+    weights, grads = run.weights(), run.grads()
+    diff, name = _max_difference(weights, want)
+    if diff <= 1e-5:
+        return
+    if all(torch.equal(weights[n], before[n]) for n in weights):
+        expect(any(g is not None and bool(g.any()) for g in grads.values()),
+               f"after step {k + 1} the trainable weights are unchanged and hold no gradient: the order is "
+               "optimizer.zero_grad(), loss.backward(), optimizer.step() (zero_grad after backward erases the "
+               "gradients before the step can use them)")
+        raise CheckFailed(f"after step {k + 1} the trainable weights are unchanged although their gradients are "
+                          "there: call optimizer.step() after loss.backward()")
+    expect(not all(g is not None and not g.any() for g in grads.values()),
+           f"in step {k + 1} the gradients were all zero when optimizer.step() ran: zero them before "
+           "loss.backward(), not between backward and step")
+    if k == 1:
+        piled = {n: want_grads[n] + _reference_steps()[0][2][n] for n in want_grads}
+        expect(not all(grads[n] is not None and torch.allclose(grads[n], piled[n], rtol=1e-4, atol=1e-8)
+                       for n in grads),
+               "step 2 used step 1's gradients plus its own: backward() adds to .grad, so call "
+               "optimizer.zero_grad() before loss.backward() in every step")
+    raise CheckFailed(f"your loss is right, but after step {k + 1} the trainable weights differ from one AdamW step "
+                      f"on it by up to {diff:.3g} ({name}): call loss.backward() on that loss, then optimizer.step() "
+                      "once")
+
+
+@builds("trainer.training_step")
+def training_step(fn) -> str:
+    """fn(ip_adapter, optimizer, noise_scheduler, latents, text_embeds, image_embeds, noise, timesteps) -> the loss, a float."""
+    run = _Run()
+    for k, (want_loss, _, _) in enumerate(_reference_steps()):
+        before = run.weights()
+        loss = _as_loss(run.step(fn, k), k)
+        _check_frozen(run, k)
+        _check_loss(loss, want_loss, k)
+        _check_weights(run, k, before)
+    return ("noise, predict on [text; image tokens], MSE against the noise, then zero_grad, backward, step: "
+            "the losses and the adapter's weights after two AdamW steps match the package's.")
