@@ -262,6 +262,19 @@ def training_step(ip_adapter: IPAdapter, optimizer, noise_scheduler, latents, te
     return loss.item()
 
 
+def train_loop(trainer: "Trainer", steps: int, step_fn=training_step) -> list[float]:
+    """The training loop in plain PyTorch (notebook 4's exercise): for each step, its draws (from
+    (seed, step) alone), its inputs, one `step_fn`; returns the losses. `Trainer.run` is this loop
+    with checkpoints, accelerate and Ctrl-C handling around it."""
+    losses = []
+    for step in range(steps):
+        d = trainer.draw(step)
+        latents, text, image = trainer.inputs(d, trainer.device)
+        losses.append(step_fn(trainer.ip_adapter, trainer.optimizer, trainer.bb.noise_scheduler, latents, text, image,
+                              d.noise.to(trainer.device), d.timesteps.to(trainer.device)))
+    return losses
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def fingerprint(module: nn.Module, frozen_only: bool = False, names: set[str] | None = None) -> dict[str, str]:
     """A hash of each parameter's bytes: 'unchanged' will mean bitwise unchanged.

@@ -261,3 +261,56 @@ def test_perceiver_attention_returns_the_piece_to_use(capsys):
     assert_returns(capsys, checks.perceiver_attention, mine, mine)
     assert_returns(capsys, checks.perceiver_attention, stub, ReferencePerceiverAttention)
     assert_returns(capsys, checks.perceiver_attention, perceiver(norms="swapped"), ReferencePerceiverAttention)
+
+
+# --- notebook 04: the loop ----------------------------------------------------------------
+def train_loop_solution(trainer, steps, step_fn):
+    losses = []
+    for step in range(steps):
+        d = trainer.draw(step)
+        latents, text, image = trainer.inputs(d, trainer.device)
+        losses.append(step_fn(trainer.ip_adapter, trainer.optimizer, trainer.bb.noise_scheduler, latents, text, image,
+                              d.noise.to(trainer.device), d.timesteps.to(trainer.device)))
+    return losses
+
+
+def test_train_loop(capsys):
+    from ipa_lab.trainer import train_loop as reference_loop
+
+    check = checks.train_loop.passed
+    assert_pass(capsys, check, train_loop_solution)
+    assert_pass(capsys, check, reference_loop)  # the package's own loop passes its checker
+    assert_todo(capsys, check)
+
+    def same_draw(trainer, steps, step_fn):  # draws step 0 every time: one batch over and over
+        d = trainer.draw(0)
+        return [step_fn(trainer.ip_adapter, trainer.optimizer, trainer.bb.noise_scheduler, *trainer.inputs(d, "cpu"),
+                        d.noise, d.timesteps) for _ in range(steps)]
+
+    def off_by_one(trainer, steps, step_fn):
+        return train_loop_solution(trainer, steps - 1, step_fn)
+
+    def forgets_losses(trainer, steps, step_fn):
+        train_loop_solution(trainer, steps, step_fn)
+
+    def inputs_swapped(trainer, steps, step_fn):
+        losses = []
+        for step in range(steps):
+            d = trainer.draw(step)
+            latents, text, image = trainer.inputs(d, trainer.device)
+            losses.append(step_fn(trainer.ip_adapter, trainer.optimizer, trainer.bb.noise_scheduler, latents, image, text,
+                                  d.noise, d.timesteps))
+        return losses
+
+    assert_fail(capsys, check, same_draw, "asked for the draws of steps [0]", "one batch again and again")
+    assert_fail(capsys, check, off_by_one, "called step_fn 2 times")
+    assert_fail(capsys, check, forgets_losses, "returned None")
+    assert_fail(capsys, check, inputs_swapped, "(latents, text, image)")
+
+
+def test_train_loop_returns_the_piece_to_use(capsys):
+    from ipa_lab.trainer import train_loop as reference_loop
+
+    assert checks.train_loop(train_loop_solution) is train_loop_solution
+    assert checks.train_loop(lambda trainer, steps, step_fn: []) is reference_loop
+    assert "the notebook carries on with ipa_lab's train_loop" in capsys.readouterr().out

@@ -314,3 +314,20 @@ def test_resume_without_a_state_restarts_only_a_run_that_never_completed_a_check
     (tmp_path / "run" / "training_state.pt").unlink()  # a finished run whose state was deleted
     with pytest.raises(FileNotFoundError, match="holds a run of 4 steps but no training_state.pt.*--overwrite"):
         Trainer(config(toy_model, toy_data, tmp_path, steps=6, resume=True))
+
+
+def test_the_plain_loop_trains_the_same_adapter_as_trainer_run(toy_model, toy_data, tmp_path):
+    """Notebook 04's loop (train_loop + training_step, plain PyTorch) and Trainer.run (accelerate,
+    checkpoints) take the same steps: bitwise the same adapter after 3 steps."""
+    from ipa_lab.trainer import Trainer, train_loop
+
+    def make(name):
+        return Trainer(config(toy_model, toy_data, tmp_path, output=str(tmp_path / name), steps=3,
+                              checkpoint_every=100))
+
+    plain, ours = make("plain"), make("run")
+    losses = train_loop(plain, 3)
+    result = ours.run(progress=False)
+    assert losses == [loss for _, loss in result.losses]
+    for a, b in zip(plain.ip_adapter.parameters(), ours.ip_adapter.parameters()):
+        assert torch.equal(a, b)

@@ -11,8 +11,14 @@ In a notebook::
 
 prints ``PASS hidden_size_of: ...`` or ``FAIL hidden_size_of: <what is wrong>``, or, in a student
 copy whose solution is still the stub, ``TODO hidden_size_of: not yet implemented``. A checker
-returns True or False and never raises, so a notebook always runs to its end; later cells use
-the package's own implementation, not the learner's.
+never raises, so a notebook always runs to its end.
+
+Most checkers return True or False. The checkers of the exercises that *build* a piece (a module,
+the install loop, the training step and loop, the sampling loop) return the piece the notebook
+uses from then on: the learner's own when it passed, otherwise ipa_lab's reference, and the
+verdict line says which (`core.builds`)::
+
+    ImageProjModel = checks.image_proj_model(ImageProjModel)
 
 `core` holds the verdict printer and the `expect*` helpers; each `nbXX_*` module holds the
 checkers of one notebook. They are all re-exported here, so a notebook only needs
@@ -25,7 +31,7 @@ from .nb00_overview import latent_shape, encoder_hidden_states_shape
 from .nb01_image_projection import image_proj_model
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
 from .nb03_freeze_and_count import params_to_opt, adapter_parameters, prepare_training
-from .nb04_training_loop import drop_decision, noisy_latents, training_step
+from .nb04_training_loop import drop_decision, noisy_latents, training_step, train_loop
 from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
 from .nb06_ip_adapter_plus import perceiver_attention
 from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
@@ -35,7 +41,7 @@ __all__ = [
     "image_proj_model",
     "hidden_size_of", "decoupled_attention", "ip_attn_processor", "install_ip_adapter",
     "params_to_opt", "adapter_parameters", "prepare_training",
-    "drop_decision", "noisy_latents", "training_step",
+    "drop_decision", "noisy_latents", "training_step", "train_loop",
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",

@@ -309,3 +309,77 @@ def training_step(fn) -> str:
         _check_weights(run, k, before)
     return ("noise, predict on [text; image tokens], MSE against the noise, then zero_grad, backward, step: "
             "the losses and the adapter's weights after two AdamW steps match the package's.")
+
+
+# ----------------------------------------------------------------------------- the loop
+class _RecordingTrainer:
+    """A stand-in for `ipa_lab.trainer.Trainer` with the attributes the loop reads, which records
+    what the loop asks for. Each step's draw and inputs are tagged with the step number, so the
+    checker can see which step's draw reached which call."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.device = torch.device("cpu")
+        self.ip_adapter, self.optimizer = object(), object()
+        self.bb = SimpleNamespace(noise_scheduler=object())
+        self.draws, self.inputs_of = [], []
+
+    def draw(self, step):
+        from types import SimpleNamespace
+
+        self.draws.append(step)
+        return SimpleNamespace(step=step, noise=torch.full((2, 1), float(step)),
+                               timesteps=torch.full((2,), step, dtype=torch.long))
+
+    def inputs(self, d, device):
+        self.inputs_of.append(d.step)
+        return (torch.full((2, 1), 1000.0 + d.step), torch.full((2, 1), 2000.0 + d.step),
+                torch.full((2, 1), 3000.0 + d.step))
+
+
+def _recording_step(calls: list):
+    """A step_fn that records its arguments and returns a loss that tells the steps apart."""
+
+    def step_fn(ip_adapter, optimizer, noise_scheduler, latents, text, image, noise, timesteps):
+        calls.append((ip_adapter, optimizer, noise_scheduler, latents, text, image, noise, timesteps))
+        return 0.5 + int(timesteps[0]) / 100
+
+    return step_fn
+
+
+@builds("trainer.train_loop")
+def train_loop(fn) -> str:
+    """fn(trainer, steps, step_fn) -> the list of the losses step_fn returned, one per step."""
+    for steps in (3, 5):
+        trainer, calls = _RecordingTrainer(), []
+        got = fn(trainer, steps, _recording_step(calls))
+        where = f"with steps={steps}"
+        expect(len(calls) == steps, f"{where} your loop called step_fn {len(calls)} times; once per step, "
+               f"for step = 0, 1, ..., {steps - 1}")
+        expect(trainer.draws == list(range(steps)), f"{where} your loop asked for the draws of steps "
+               f"{trainer.draws}, expected {list(range(steps))}: call trainer.draw(step) once per step, with "
+               "that step's number (the same draw every step would train on one batch again and again)")
+        expect(trainer.inputs_of == list(range(steps)), f"{where} trainer.inputs got the draws of steps "
+               f"{trainer.inputs_of}: give it each step's own draw, trainer.inputs(d, trainer.device)")
+        for step, (ip_adapter, optimizer, scheduler, latents, text, image, noise, timesteps) in enumerate(calls):
+            expect(ip_adapter is trainer.ip_adapter and optimizer is trainer.optimizer
+                   and scheduler is trainer.bb.noise_scheduler, f"step {step}: pass step_fn the trainer's own "
+                   "trainer.ip_adapter, trainer.optimizer and trainer.bb.noise_scheduler, in that order")
+            tags = [float(t.flatten()[0]) if isinstance(t, torch.Tensor) else None for t in (latents, text, image)]
+            expect(tags == [1000.0 + step, 2000.0 + step, 3000.0 + step], f"step {step}: step_fn did not get "
+                   "(latents, text, image) as trainer.inputs returned them, in that order")
+            expect(isinstance(noise, torch.Tensor) and isinstance(timesteps, torch.Tensor)
+                   and float(noise.flatten()[0]) == step and int(timesteps[0]) == step,
+                   f"step {step}: pass this step's d.noise and d.timesteps (moved to trainer.device) as the last "
+                   "two arguments")
+        want = [0.5 + step / 100 for step in range(steps)]
+        expect(got is not None, "your loop returned None: collect what step_fn returns in a list and return it")
+        expect(isinstance(got, (list, tuple)), f"return a list of the losses, got {describe(got)}")
+        expect(list(got) == want, f"{where} your loop returned {_short_list(got)}, expected the {steps} losses "
+               f"step_fn returned, in order: {_short_list(want)}")
+    return "one draw per step, its inputs, your step: the whole training loop."
+
+
+def _short_list(values) -> str:
+    return "[" + ", ".join(f"{v:.2f}" if isinstance(v, float) else repr(v) for v in list(values)[:6]) + "]"
