@@ -185,10 +185,11 @@ def main(argv=None) -> None:
         for warning in preflight(cfg):
             if main_process:
                 print(f"warning: {warning}", file=sys.stderr)
-        from .runtime import quiet
+        from .runtime import quiet, set_threads
         from .trainer import train
 
         quiet()
+        set_threads()  # IPA_LAB_THREADS, as in the notebooks (several runs sharing cores: docs/teaching.md)
         result = train(cfg, log=print if main_process else None)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

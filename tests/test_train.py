@@ -331,3 +331,10 @@ def test_the_plain_loop_trains_the_same_adapter_as_trainer_run(toy_model, toy_da
     assert losses == [loss for _, loss in result.losses]
     for a, b in zip(plain.ip_adapter.parameters(), ours.ip_adapter.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_command_line_refuses_a_bad_thread_setting(toy_model, toy_data, tmp_path, monkeypatch):
+    """IPA_LAB_THREADS is read by the command line too, and a bad value stops it with its name."""
+    monkeypatch.setenv("IPA_LAB_THREADS", "two")
+    with pytest.raises(SystemExit, match="IPA_LAB_THREADS is 'two'"):
+        main(["--model", toy_model, "--data", toy_data, "--output", str(tmp_path / "run"), "--steps", "1"])
