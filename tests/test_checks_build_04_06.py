@@ -314,3 +314,16 @@ def test_train_loop_returns_the_piece_to_use(capsys):
     assert checks.train_loop(train_loop_solution) is train_loop_solution
     assert checks.train_loop(lambda trainer, steps, step_fn: []) is reference_loop
     assert "the notebook carries on with ipa_lab's train_loop" in capsys.readouterr().out
+
+
+def test_train_loop_names_draws_left_on_the_cpu(capsys):
+    def unmoved(trainer, steps, step_fn):  # fine on a CPU, a device mismatch on a GPU
+        losses = []
+        for step in range(steps):
+            d = trainer.draw(step)
+            latents, text, image = trainer.inputs(d, trainer.device)
+            losses.append(step_fn(trainer.ip_adapter, trainer.optimizer, trainer.bb.noise_scheduler, latents, text,
+                                  image, d.noise, d.timesteps))
+        return losses
+
+    assert_fail(capsys, checks.train_loop.passed, unmoved, "d.noise.to(trainer.device)")

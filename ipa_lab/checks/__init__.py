@@ -30,7 +30,7 @@ from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape
 from .nb00_overview import latent_shape, encoder_hidden_states_shape
 from .nb01_image_projection import image_proj_model
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
-from .nb03_freeze_and_count import params_to_opt, adapter_parameters, prepare_training
+from .nb03_freeze_and_count import params_to_opt, prepare_training
 from .nb04_training_loop import drop_decision, noisy_latents, training_step, train_loop
 from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
 from .nb06_ip_adapter_plus import perceiver_attention
@@ -40,7 +40,7 @@ __all__ = [
     "latent_shape", "encoder_hidden_states_shape",
     "image_proj_model",
     "hidden_size_of", "decoupled_attention", "ip_attn_processor", "install_ip_adapter",
-    "params_to_opt", "adapter_parameters", "prepare_training",
+    "params_to_opt", "prepare_training",
     "drop_decision", "noisy_latents", "training_step", "train_loop",
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",

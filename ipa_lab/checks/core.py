@@ -34,7 +34,39 @@ class LearnerRaised(Exception):
 
 
 class NotYetImplemented(Exception):
-    """The learner's function is still the stub: it raised NotImplementedError."""
+    """The learner's function is still the stub: it raised NotImplementedError.
+
+    `other` names another of the learner's functions when the stub that raised was that one (an
+    earlier exercise the piece calls), not the piece itself."""
+
+    def __init__(self, other: str | None = None):
+        super().__init__(other)
+        self.other = other
+
+
+def _own_code(fn) -> set:
+    """The code objects of the learner's piece: a function's own, or every method of a class (or
+    of an instance's class); decorators such as torch.no_grad are looked through."""
+    import inspect
+
+    target = fn if isinstance(fn, type) or inspect.isroutine(fn) else type(fn)
+    if isinstance(target, type):
+        functions = [inspect.unwrap(v) for v in vars(target).values() if inspect.isroutine(v)]
+    else:
+        functions = [inspect.unwrap(target)]
+    return {f.__code__ for f in functions if hasattr(f, "__code__")}
+
+
+def _stub_that_raised(fn, error: NotImplementedError) -> str | None:
+    """The name of the learner's *other* function whose stub raised `error`, or None when the
+    piece's own stub (or code we cannot tell apart) raised it."""
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if code in _own_code(fn) or tb.tb_frame.f_globals.get("__name__") != "__main__":
+        return None
+    return code.co_name
 
 
 _NOTHING = object()  # what a LearnerFunction has returned before its first successful call
@@ -55,8 +87,8 @@ class LearnerFunction:
     def __call__(self, *args, **kwargs):
         try:
             result = self.fn(*args, **kwargs)
-        except NotImplementedError:
-            raise NotYetImplemented() from None
+        except NotImplementedError as e:
+            raise NotYetImplemented(_stub_that_raised(self.fn, e)) from None
         except Exception as e:
             raise LearnerRaised(e) from e
         self.returned = result
@@ -115,8 +147,12 @@ def checker(check=None, *, fallback: str | None = None):
         learner = LearnerFunction(fn)
         try:
             msg = check(learner)
-        except NotYetImplemented:
-            print(f"TODO {name}: not yet implemented ({carry_on})")
+        except NotYetImplemented as e:
+            if e.other:  # an earlier exercise's stub, called by this piece
+                print(f"TODO {name}: your code calls {e.other}, which is still the stub; solve that exercise "
+                      f"first ({carry_on})")
+            else:
+                print(f"TODO {name}: not yet implemented ({carry_on})")
             return False
         except CheckFailed as e:
             print(f"FAIL {name}: {e}{then}")

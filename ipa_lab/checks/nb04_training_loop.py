@@ -329,8 +329,8 @@ class _RecordingTrainer:
         from types import SimpleNamespace
 
         self.draws.append(step)
-        return SimpleNamespace(step=step, noise=torch.full((2, 1), float(step)),
-                               timesteps=torch.full((2,), step, dtype=torch.long))
+        return SimpleNamespace(step=step, noise=_DrawnOnTheCPU(torch.full((2, 1), float(step))),
+                               timesteps=_DrawnOnTheCPU(torch.full((2,), step, dtype=torch.long)))
 
     def inputs(self, d, device):
         self.inputs_of.append(d.step)
@@ -338,12 +338,23 @@ class _RecordingTrainer:
                 torch.full((2, 1), 3000.0 + d.step))
 
 
+class _DrawnOnTheCPU:
+    """A draw as the stand-in trainer hands it out: usable only after `.to(trainer.device)`, so a
+    loop that forgets the move (which fails on a GPU, where the draws stay on the CPU) shows."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def to(self, *args, **kwargs):
+        return self.tensor.clone()
+
+
 def _recording_step(calls: list):
     """A step_fn that records its arguments and returns a loss that tells the steps apart."""
 
     def step_fn(ip_adapter, optimizer, noise_scheduler, latents, text, image, noise, timesteps):
         calls.append((ip_adapter, optimizer, noise_scheduler, latents, text, image, noise, timesteps))
-        return 0.5 + int(timesteps[0]) / 100
+        return 0.5 + (len(calls) - 1) / 100  # the k-th call's loss
 
     return step_fn
 
@@ -369,6 +380,9 @@ def train_loop(fn) -> str:
             tags = [float(t.flatten()[0]) if isinstance(t, torch.Tensor) else None for t in (latents, text, image)]
             expect(tags == [1000.0 + step, 2000.0 + step, 3000.0 + step], f"step {step}: step_fn did not get "
                    "(latents, text, image) as trainer.inputs returned them, in that order")
+            expect(not isinstance(noise, _DrawnOnTheCPU) and not isinstance(timesteps, _DrawnOnTheCPU),
+                   f"step {step}: move the draws to the trainer's device first, d.noise.to(trainer.device) and "
+                   "d.timesteps.to(trainer.device): they are drawn on the CPU, and on a GPU the UNet needs them there")
             expect(isinstance(noise, torch.Tensor) and isinstance(timesteps, torch.Tensor)
                    and float(noise.flatten()[0]) == step and int(timesteps[0]) == step,
                    f"step {step}: pass this step's d.noise and d.timesteps (moved to trainer.device) as the last "
