@@ -43,19 +43,46 @@ def test_every_notebook_has_checked_exercises_and_no_solution_leaks():
 
 def test_write_student_copies_writes_what_is_missing_or_stale_and_nothing_else(tmp_path, capsys):
     nb = {"cells": [{"cell_type": "code", "source": ["x = 1\n", "### BEGIN SOLUTION\n", "y = 2\n",
-                                                      "### END SOLUTION\n"], "outputs": [], "execution_count": 1,
-                     "metadata": {}}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+                                                      "### END SOLUTION\n", "_ = checks.y(y)"], "outputs": [],
+                     "execution_count": 1, "metadata": {}}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "00_a.ipynb").write_text(json.dumps(nb))
     (tmp_path / "notes.ipynb").write_text(json.dumps(nb))  # not a numbered course notebook: no copy
     copy = tmp_path / "student" / "00_a.ipynb"
     assert write_student_copies(tmp_path) == [copy]
-    assert "".join(json.loads(copy.read_text())["cells"][0]["source"]) == f"x = 1\n{STUB}\n"
+    assert "".join(json.loads(copy.read_text())["cells"][0]["source"]) == f"x = 1\n{STUB}\n_ = checks.y(y)"
     assert write_student_copies(tmp_path) == []  # up to date: nothing rewritten
     copy.write_text("stale")
-    assert main(["--src", str(tmp_path), "--check"]) == 1 and "out of date: 00_a.ipynb" in capsys.readouterr().out
-    assert main(["--src", str(tmp_path)]) == 0 and "1 student notebooks, 1 written" in capsys.readouterr().out
+    out = (main(["--src", str(tmp_path), "--check"]), capsys.readouterr().out)
+    assert out[0] == 1 and "out of date: student/00_a.ipynb" in out[1] and f"out of date: {tmp_path.name}/00_a.ipynb" in out[1]
+    assert main(["--src", str(tmp_path)]) == 0
+    assert "nbgrader metadata updated in 1; student copies: 1 written" in capsys.readouterr().out
     assert main(["--src", str(tmp_path), "--check"]) == 0
+    graded = json.loads((tmp_path / "00_a.ipynb").read_text())["cells"]
+    assert graded[0]["metadata"]["nbgrader"]["grade_id"] == "y" and "".join(graded[1]["source"]).endswith('checks.grade("y")')
 
 
 def test_committed_student_copies_are_up_to_date(capsys):
     assert main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_the_committed_notebooks_carry_current_nbgrader_metadata():
+    """Every exercise cell is an nbgrader solution cell followed by its locked test cell, exactly
+    as `python -m ipa_lab.student` writes them; a stale or missing one fails here, not in a
+    teacher's `nbgrader generate_assignment`."""
+    from ipa_lab.student import with_grading
+
+    for path in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert with_grading(nb) == nb, f"{path.name}: run python -m ipa_lab.student"
+        exercises = [c for c in nb["cells"] if "### BEGIN SOLUTION" in "".join(c["source"])]
+        assert exercises and all(c["metadata"]["nbgrader"]["solution"] for c in exercises), path.name
+
+
+def test_student_copies_leave_the_grading_cells_out():
+    from ipa_lab.student import is_grading_cell, with_grading
+
+    nb = with_grading(json.loads((NOTEBOOKS / "04_training_loop.ipynb").read_text()))
+    assert sum(map(is_grading_cell, nb["cells"])) == 4  # drop bands, noising, the step, the loop
+    copy = student_copy(nb)
+    assert not any(map(is_grading_cell, copy["cells"]))
+    assert not any("nbgrader" in c.get("metadata", {}) for c in copy["cells"])

@@ -20,13 +20,17 @@ verdict line says which (`core.builds`)::
 
     ImageProjModel = checks.image_proj_model(ImageProjModel)
 
+For teachers who grade with nbgrader, each exercise is followed by a locked test cell that calls
+``checks.grade("image_proj_model")``: it raises AssertionError with the latest verdict unless that
+verdict was PASS (`ipa_lab.student` writes those cells and their nbgrader metadata).
+
 `core` holds the verdict printer and the `expect*` helpers; each `nbXX_*` module holds the
 checkers of one notebook. They are all re-exported here, so a notebook only needs
 ``from ipa_lab import checks``.
 """
 from __future__ import annotations
 
-from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape
+from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape, grade
 from .nb00_overview import latent_shape, encoder_hidden_states_shape
 from .nb01_image_projection import image_proj_model
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
@@ -45,5 +49,5 @@ __all__ = [
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
-    "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
+    "grade", "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
 ]

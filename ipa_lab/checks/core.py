@@ -14,6 +14,7 @@ so: what the function returned, and what was expected.
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import numbers
 import reprlib
@@ -127,6 +128,26 @@ def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
             f"({first_line(error)}); expected {_expected(check)}")
 
 
+verdicts: dict[str, str] = {}  # exercise name -> the last verdict line printed for it
+
+
+def _say(name: str, line: str) -> None:
+    """Print a verdict line and keep it as the exercise's latest verdict."""
+    verdicts[name] = line
+    builtins.print(line)
+
+
+def grade(name: str) -> None:
+    """The autograded test of an exercise (nbgrader's test cell): passes when the exercise's latest
+    verdict is PASS, else raises AssertionError with the verdict, so the grade's feedback says what
+    is wrong. Prints nothing."""
+    line = verdicts.get(name)
+    if line is None:
+        raise AssertionError(f"{name}: the exercise's cell has not run (its checker prints the verdict); run it first")
+    if not line.startswith("PASS"):
+        raise AssertionError(line)
+
+
 def checker(check=None, *, fallback: str | None = None):
     """Turn `check(fn) -> str` (the pass message; raises CheckFailed) into a verdict printer.
 
@@ -140,6 +161,8 @@ def checker(check=None, *, fallback: str | None = None):
     @functools.wraps(check)
     def run(fn) -> bool:
         name = check.__name__
+        verdicts.pop(name, None)  # a new answer: the previous verdict no longer stands
+        print = functools.partial(_say, name)  # every verdict line is also kept for `grade`
         if not callable(fn):  # e.g. checks.latent_shape(latent_shape(32, 32, cfg))
             print(f"FAIL {name}: pass your function itself, as in checks.{name}(my_function), "
                   f"not what it returns (got {describe(fn)})")
