@@ -91,3 +91,26 @@ def test_a_stub_of_an_earlier_exercise_is_named_not_blamed_on_this_one(capsys):
     assert out.startswith("TODO double: your code calls guidance, which is still the stub"), out
     assert double(namespace["own_stub"]) is False
     assert capsys.readouterr().out.startswith("TODO double: not yet implemented"), out
+
+
+def test_grade_checks_the_learners_own_answer_again_and_says_why_it_fails(capsys):
+    """nbgrader's test cell: silent on PASS; otherwise AssertionError carrying the verdict. It
+    re-checks what the exercise cell passed (a build exercise's cell rebinds the name to the
+    fallback after a FAIL), and refuses ipa_lab's own piece passed off as the learner's."""
+    import pytest
+
+    from ipa_lab.checks import grade
+    from ipa_lab.projection import ImageProjModel
+
+    double(lambda x: 2 * x)
+    capsys.readouterr()
+    grade("double")
+    assert capsys.readouterr().out == ""  # a test cell that passes prints nothing
+    double(lambda x: x + 1)
+    with pytest.raises(AssertionError, match="FAIL double: double\\(21\\) gave 22, expected 42"):
+        grade("double")
+    checks.image_proj_model(ImageProjModel)
+    with pytest.raises(AssertionError, match="given ipa_lab's own ImageProjModel"):
+        grade("image_proj_model")
+    with pytest.raises(AssertionError, match="has not run"):
+        grade("no_such_exercise")

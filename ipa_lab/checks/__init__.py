@@ -21,8 +21,9 @@ verdict line says which (`core.builds`)::
     ImageProjModel = checks.image_proj_model(ImageProjModel)
 
 For teachers who grade with nbgrader, each exercise is followed by a locked test cell that calls
-``checks.grade("image_proj_model")``: it raises AssertionError with the latest verdict unless that
-verdict was PASS (`ipa_lab.student` writes those cells and their nbgrader metadata).
+``checks.grade("image_proj_model")``: it runs the checker again on the learner's answer and
+raises AssertionError with the verdict unless it is PASS (`ipa_lab.student` writes those cells and
+their nbgrader metadata).
 
 `core` holds the verdict printer and the `expect*` helpers; each `nbXX_*` module holds the
 checkers of one notebook. They are all re-exported here, so a notebook only needs

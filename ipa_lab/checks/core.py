@@ -14,7 +14,6 @@ so: what the function returned, and what was expected.
 """
 from __future__ import annotations
 
-import builtins
 import functools
 import numbers
 import reprlib
@@ -128,24 +127,28 @@ def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
             f"({first_line(error)}); expected {_expected(check)}")
 
 
-verdicts: dict[str, str] = {}  # exercise name -> the last verdict line printed for it
-
-
-def _say(name: str, line: str) -> None:
-    """Print a verdict line and keep it as the exercise's latest verdict."""
-    verdicts[name] = line
-    builtins.print(line)
+_checked: dict[str, tuple] = {}  # exercise name -> (its verdict printer, the answer it was last given)
 
 
 def grade(name: str) -> None:
-    """The autograded test of an exercise (nbgrader's test cell): passes when the exercise's latest
-    verdict is PASS, else raises AssertionError with the verdict, so the grade's feedback says what
-    is wrong. Prints nothing."""
-    line = verdicts.get(name)
-    if line is None:
-        raise AssertionError(f"{name}: the exercise's cell has not run (its checker prints the verdict); run it first")
-    if not line.startswith("PASS"):
-        raise AssertionError(line)
+    """The autograded test of an exercise (nbgrader's test cell, after the exercise's cell).
+
+    Runs the exercise's checker again, silently, on the answer the exercise cell gave it (the
+    learner's own piece, not the one the notebook carries on with), and raises AssertionError with
+    the verdict unless it is PASS, so a grade's feedback says what is wrong. Prints nothing."""
+    import contextlib
+    import io
+
+    if name not in _checked:
+        raise AssertionError(f"{name}: the exercise's cell has not run (it ends with the checker's call); run it first")
+    run, answer = _checked[name]
+    if getattr(answer, "__module__", "").startswith("ipa_lab"):
+        raise AssertionError(f"FAIL {name}: the checker was given ipa_lab's own {getattr(answer, '__name__', name)}, "
+                             "not yours: pass it what your cell defines")
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        passed = run(answer)
+    if not passed:
+        raise AssertionError(said.getvalue().strip())
 
 
 def checker(check=None, *, fallback: str | None = None):
@@ -161,8 +164,7 @@ def checker(check=None, *, fallback: str | None = None):
     @functools.wraps(check)
     def run(fn) -> bool:
         name = check.__name__
-        verdicts.pop(name, None)  # a new answer: the previous verdict no longer stands
-        print = functools.partial(_say, name)  # every verdict line is also kept for `grade`
+        _checked[name] = (run, fn)  # what `grade` checks again
         if not callable(fn):  # e.g. checks.latent_shape(latent_shape(32, 32, cfg))
             print(f"FAIL {name}: pass your function itself, as in checks.{name}(my_function), "
                   f"not what it returns (got {describe(fn)})")
