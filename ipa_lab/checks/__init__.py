@@ -21,8 +21,8 @@ verdict line says which (`core.builds`)::
     ImageProjModel = checks.image_proj_model(ImageProjModel)
 
 For teachers who grade with nbgrader, each exercise is followed by a locked test cell that calls
-``checks.grade("image_proj_model")``: it runs the checker again on the learner's answer and
-raises AssertionError with the verdict unless it is PASS (`ipa_lab.student` writes those cells and
+``checks.grade("image_proj_model")``: it raises AssertionError with the verdict the checker gave
+the learner's own answer unless it was PASS (`ipa_lab.student` writes those cells and
 their nbgrader metadata).
 
 `core` holds the verdict printer and the `expect*` helpers; each `nbXX_*` module holds the

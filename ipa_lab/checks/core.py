@@ -14,6 +14,7 @@ so: what the function returned, and what was expected.
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import numbers
 import reprlib
@@ -127,28 +128,23 @@ def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
             f"({first_line(error)}); expected {_expected(check)}")
 
 
-_checked: dict[str, tuple] = {}  # exercise name -> (its verdict printer, the answer it was last given)
+_checked: dict[str, tuple] = {}  # exercise name -> (the answer its checker was last given, the verdict line)
 
 
 def grade(name: str) -> None:
     """The autograded test of an exercise (nbgrader's test cell, after the exercise's cell).
 
-    Runs the exercise's checker again, silently, on the answer the exercise cell gave it (the
-    learner's own piece, not the one the notebook carries on with), and raises AssertionError with
-    the verdict unless it is PASS, so a grade's feedback says what is wrong. Prints nothing."""
-    import contextlib
-    import io
-
+    Passes when the exercise's checker said PASS to the answer the exercise cell gave it (the
+    learner's own piece, not the one the notebook carries on with), else raises AssertionError
+    with the verdict, so a grade's feedback says what is wrong. Prints nothing."""
     if name not in _checked:
         raise AssertionError(f"{name}: the exercise's cell has not run (it ends with the checker's call); run it first")
-    run, answer = _checked[name]
+    answer, line = _checked[name]
     if getattr(answer, "__module__", "").startswith("ipa_lab"):
         raise AssertionError(f"FAIL {name}: the checker was given ipa_lab's own {getattr(answer, '__name__', name)}, "
                              "not yours: pass it what your cell defines")
-    with contextlib.redirect_stdout(io.StringIO()) as said:
-        passed = run(answer)
-    if not passed:
-        raise AssertionError(said.getvalue().strip())
+    if not line.startswith("PASS"):
+        raise AssertionError(line)
 
 
 def checker(check=None, *, fallback: str | None = None):
@@ -164,7 +160,12 @@ def checker(check=None, *, fallback: str | None = None):
     @functools.wraps(check)
     def run(fn) -> bool:
         name = check.__name__
-        _checked[name] = (run, fn)  # what `grade` checks again
+        _checked.pop(name, None)  # a new answer: the previous verdict no longer stands
+
+        def print(line):  # every verdict line is also kept, with its answer, for `grade`
+            _checked[name] = (fn, line)
+            builtins.print(line)
+
         if not callable(fn):  # e.g. checks.latent_shape(latent_shape(32, 32, cfg))
             print(f"FAIL {name}: pass your function itself, as in checks.{name}(my_function), "
                   f"not what it returns (got {describe(fn)})")
