@@ -66,15 +66,17 @@ def block_of(name: str) -> str:
     return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
 
 
-def _is_ip_processor(processor) -> bool:
-    """Ours, or diffusers' IPAdapterAttnProcessor* (what `pipe.load_ip_adapter` installs)."""
-    return isinstance(processor, IPAttnProcessor) or "IPAdapter" in type(processor).__name__
+def is_ip_processor(processor) -> bool:
+    """An image-branch processor: ours, a learner's own (notebook 2: anything with to_k_ip and
+    to_v_ip), or diffusers' IPAdapterAttnProcessor* (what `pipe.load_ip_adapter` installs)."""
+    return (isinstance(processor, IPAttnProcessor) or "IPAdapter" in type(processor).__name__
+            or (hasattr(processor, "to_k_ip") and hasattr(processor, "to_v_ip")))
 
 
 def ip_processors(unet) -> dict:
     """The UNet's IP-Adapter processors by name: ours (`IPAttnProcessor`), or diffusers' own
     `IPAdapterAttnProcessor*` (what `pipe.load_ip_adapter` installs). Empty without an adapter."""
-    return {name: p for name, p in unet.attn_processors.items() if _is_ip_processor(p)}
+    return {name: p for name, p in unet.attn_processors.items() if is_ip_processor(p)}
 
 
 def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0) -> nn.ModuleList:

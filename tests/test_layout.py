@@ -63,7 +63,7 @@ def test_each_moved_name_has_one_home():
     """The names that used to exist twice (or in the wrong module) are defined once, where they belong."""
     homes = {"read_checkpoint": "checkpoint", "image_proj_from_state_dict": "checkpoint", "load_into": "checkpoint",
              "_mismatches": "checkpoint", "num_tokens_of": "projection", "build_image_projection": "projection",
-             "count_ip_adapter_parameters": "adapter", "ip_processors": "adapter", "_is_ip_processor": "adapter",
+             "count_ip_adapter_parameters": "adapter", "ip_processors": "adapter", "is_ip_processor": "adapter",
              "format_table": "tables", "classify": "metrics", "agreement": "metrics", "clip_score": "metrics",
              "generate_with_diffusers": "diffusers_path", "diffusers_ip_adapter": "diffusers_path",
              "unconditional_image_tokens": "generate", "encode_image_prompt": "generate"}

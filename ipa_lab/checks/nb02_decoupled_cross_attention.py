@@ -317,11 +317,6 @@ def ip_attn_processor(cls) -> str:
 # ---------------------------------------------------------------------------------------------
 # install_ip_adapter: every processor of the toy UNet replaced, the image branch on attn2 only.
 # ---------------------------------------------------------------------------------------------
-def _is_image_branch(processor) -> bool:
-    """An IP processor, the learner's class or ipa_lab's: it has to_k_ip and to_v_ip."""
-    return hasattr(processor, "to_k_ip") and hasattr(processor, "to_v_ip")
-
-
 @functools.lru_cache(maxsize=1)
 def _install_case():
     """Fixed UNet inputs and the outputs to compare with: the plain UNet on the text alone, and the
@@ -382,13 +377,15 @@ def _explain_crash(e: LearnerRaised, unet) -> CheckFailed | None:
 
 def _run_install(fn, unet, num_tokens: int):
     """The learner's install on a private copy of the toy UNet; shape errors explained."""
+    from ..adapter import is_ip_processor
+
     try:
         with torch.random.fork_rng():  # the processors' random init must not move the notebook's seed
             return fn(unet, num_tokens=num_tokens)
     except LearnerRaised as e:
         if isinstance(e.error, TypeError) and "is not a Module subclass" in str(e.error):
             said = f"your code raised {first_line(e.error)}: nn.ModuleList holds nn.Modules only"
-            expect(any(_is_image_branch(p) for p in unet.attn_processors.values()), f"{said}, and the UNet still "
+            expect(any(is_ip_processor(p) for p in unet.attn_processors.values()), f"{said}, and the UNet still "
                    "runs diffusers' own processors (plain classes): call unet.set_attn_processor(processors) "
                    "before reading unet.attn_processors")
             raise CheckFailed(f"{said}, and diffusers' own processors are plain classes; give attn1 layers "
@@ -401,13 +398,15 @@ def _run_install(fn, unet, num_tokens: int):
 
 def _check_returned(returned, unet) -> None:
     """An nn.ModuleList of the processors now in the UNet, in unet.attn_processors order."""
+    from ..adapter import is_ip_processor
+
     installed = list(unet.attn_processors.values())
     expect(returned is not None, "your function returned None: return nn.ModuleList(unet.attn_processors.values()), "
            "what the optimizer trains and the checkpoint stores")
     expect(isinstance(returned, nn.ModuleList), f"return an nn.ModuleList (got {type(returned).__name__}): "
            "nn.ModuleList(unet.attn_processors.values()), so .parameters() reaches every to_k_ip/to_v_ip")
-    if not any(_is_image_branch(p) for p in installed):
-        expect(not any(_is_image_branch(m) for m in returned), "your processors are built but the UNet still runs "
+    if not any(is_ip_processor(p) for p in installed):
+        expect(not any(is_ip_processor(m) for m in returned), "your processors are built but the UNet still runs "
                "its old ones: call unet.set_attn_processor(processors) with the dict of new processors")
         raise CheckFailed("the UNet has no processor with to_k_ip/to_v_ip: nothing was installed. Build a dict "
                           "{name: processor} over unet.attn_processors and call unet.set_attn_processor on it")
@@ -423,6 +422,8 @@ def _check_returned(returned, unet) -> None:
 
 def _check_processors(unet, num_tokens: int) -> None:
     """attn1: no parameters; attn2: to_k_ip/to_v_ip, copies of the layer's to_k/to_v; num_tokens passed on."""
+    from ..adapter import is_ip_processor
+
     for name, processor in unet.attn_processors.items():
         layer_name = name.removesuffix(".processor")
         if layer_name.endswith("attn1"):
@@ -431,7 +432,7 @@ def _check_processors(unet, num_tokens: int) -> None:
                    "goes on attn2 only")
             continue
         layer = unet.get_submodule(layer_name)
-        expect(_is_image_branch(processor), f"{layer_name} runs {type(processor).__name__}, without to_k_ip/to_v_ip: "
+        expect(is_ip_processor(processor), f"{layer_name} runs {type(processor).__name__}, without to_k_ip/to_v_ip: "
                "every cross-attention layer (attn2) gets an IPAttnProcessor")
         for branch, own in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
             _check_copy(getattr(processor, branch).weight, getattr(layer, own).weight, layer, layer_name, branch, own)
@@ -455,19 +456,15 @@ def _check_copy(weight, source, layer, layer_name: str, branch: str, own: str) -
            "(the paper's initialisation: the image branch starts where the text branch is)")
 
 
-def _set_scale(processors, scale: float) -> None:
-    for processor in processors:
-        if _is_image_branch(processor):
-            processor.scale = scale
-
-
 def _check_outputs(unet) -> None:
     """Scale 0 gives the plain UNet back; scale 1 gives what ipa_lab's adapter gives."""
+    from ..generate import set_scale
+
     latents, timestep, states, plain, with_adapter = _install_case()
     run = learner_code(unet)
     for scale, want, what in ((0.0, plain, "the plain UNet's (no adapter, text alone)"),
                               (1.0, with_adapter, "ipa_lab's install_ip_adapter's")):
-        _set_scale(unet.attn_processors.values(), scale)
+        set_scale(unet, scale)
         with torch.no_grad():
             got = run(latents, timestep, states).sample
         expect_close(got, want, f"at scale {scale}, the UNet's output (expected {what})", atol=1e-4)
