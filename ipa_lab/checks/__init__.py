@@ -31,7 +31,7 @@ checkers of one notebook. They are all re-exported here, so a notebook only need
 """
 from __future__ import annotations
 
-from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape, grade
+from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape, grade, set_language
 from .nb00_overview import latent_shape, encoder_hidden_states_shape
 from .nb01_image_projection import image_proj_model
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
@@ -50,5 +50,5 @@ __all__ = [
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
-    "grade", "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
+    "grade", "set_language", "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
 ]
