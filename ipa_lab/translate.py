@@ -135,6 +135,28 @@ def translated(nb: dict, entries: dict[str, Entry]) -> dict:
     return out
 
 
+def _cjk(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def differences(english: dict, chinese: dict, name: str) -> list[str]:
+    """Where a Chinese notebook departs from its English one in anything but the prose.
+
+    The cells must match one for one (same ids and kinds); code cells, with their outputs, exactly;
+    markdown cells must carry Chinese."""
+    found = []
+    en_cells, zh_cells = english["cells"], chinese["cells"]
+    if [(c["id"], c["cell_type"]) for c in en_cells] != [(c["id"], c["cell_type"]) for c in zh_cells]:
+        return [f"{name}: its cells are not the English notebook's cells (ids or kinds differ)"]
+    for en, zh in zip(en_cells, zh_cells):
+        if en["cell_type"] == "code" and en != zh:
+            what = "source" if en["source"] != zh["source"] else "outputs or metadata"
+            found.append(f"{name}, cell {en['id']}: the code cell's {what} differs from the English notebook's")
+        elif en["cell_type"] == "markdown" and not _cjk(_source(zh)):
+            found.append(f"{name}, cell {en['id']}: the markdown cell has no Chinese text")
+    return found
+
+
 def _dump(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
@@ -151,6 +173,8 @@ def build(check: bool = False) -> list[str]:
             continue
         target, text = EDITION / notebook.name, _dump(translated(nb, entries))
         if check:
+            if target.exists():
+                wrong += differences(nb, json.loads(target.read_text(encoding="utf-8")), target.name)
             if not target.exists() or target.read_text(encoding="utf-8") != text:
                 wrong.append(f"{target.relative_to(ROOT).as_posix()} is out of date: run python -m ipa_lab.translate")
         else:
