@@ -11,6 +11,32 @@ learner's function raised it. So the checker never sees the learner's function i
 `NotYetImplemented` for the stub) and remembers what it returned. Anything else that escapes a
 checker was raised by the checker while it worked on that returned value, and the verdict says
 so: what the function returned, and what was expected.
+
+Language. Every message a learner can see is written in both languages with `tr(en, zh)`, picked
+when the message is made (so `checks.set_language("zh-CN")` after the import takes effect). The
+conventions, for every checker module:
+
+- the verdict line begins ``PASS name: `` / ``FAIL name: `` / ``TODO name: `` in both languages
+  (teachers and tests grep it); only what follows the colon is translated;
+- a checker writes each CheckFailed / `expect` message, each `what` it gives `expect_shape`,
+  `expect_close` or `expect_equal`, and its pass message as ``tr(f"...", f"...")``; code
+  identifiers, shapes and numbers stay as they are; the English text is never reworded;
+- what a checker expects (said when the checker cannot use an answer) is the first line of its
+  docstring; its Chinese version is the docstring's first line that begins with ``中文：``, e.g.::
+
+      @checker
+      def latent_shape(fn) -> str:
+          '''fn(height, width, vae_config) -> (channels, latent_height, latent_width).
+
+          中文：fn(height, width, vae_config) -> (通道数, 潜变量高, 潜变量宽)。
+          ...'''
+
+  (without one, the English line is used in Chinese too);
+- a Chinese message that puts a `what` (which may end in a code identifier) before Chinese text
+  writes ``zh_word(what)``: it adds the space that Chinese typesetting puts between a Latin word
+  and a Chinese one (``proj.weight 的形状``, but ``输出的形状``).
+
+The terms follow docs/glossary.md (图像提示, 解耦交叉注意力, 检查器, 练习 ...; token is not translated).
 """
 from __future__ import annotations
 
@@ -44,6 +70,11 @@ def tr(en: str, zh: str) -> str:
 
 
 set_language(os.environ.get("IPA_LAB_LANG", "en") or "en")
+
+
+def zh_word(text: str) -> str:
+    """`text` before Chinese words: followed by a space when it ends in a Latin character or digit."""
+    return f"{text} " if text[-1:].isascii() and not text[-1:].isspace() else text
 
 
 class CheckFailed(AssertionError):
@@ -133,23 +164,38 @@ _short.maxstring, _short.maxother = 60, 60
 def describe(value) -> str:
     """A short description of a returned value: dtype and shape for a tensor, else type and repr."""
     if isinstance(value, torch.Tensor):
-        return f"a tensor of dtype {str(value.dtype).removeprefix('torch.')} and shape {tuple(value.shape)}"
+        dtype, shape = str(value.dtype).removeprefix("torch."), tuple(value.shape)
+        return tr(f"a tensor of dtype {dtype} and shape {shape}", f"dtype 为 {dtype}、形状为 {shape} 的张量")
     return f"{type(value).__name__} {_short.repr(value)}"
 
 
+_ZH_DOC = "中文："
+
+
 def _expected(check) -> str:
-    """What the learner's function should do: the first line of the checker's docstring."""
-    doc = (check.__doc__ or "").strip()
-    return doc.splitlines()[0].rstrip(".") if doc else "the function the exercise describes"
+    """What the learner's function should do: the first line of the checker's docstring, or in
+    Chinese the docstring's first line that begins with "中文：" (see the module's docstring)."""
+    lines = [line.strip() for line in (check.__doc__ or "").strip().splitlines()]
+    if _language == "zh-CN":
+        zh = [line[len(_ZH_DOC):].strip() for line in lines if line.startswith(_ZH_DOC)]
+        if zh:
+            return zh[0].rstrip("。.")
+    if lines and lines[0]:
+        return lines[0].rstrip(".")
+    return tr("the function the exercise describes", "练习所描述的函数")
 
 
 def _unusable(check, learner: LearnerFunction, error: Exception) -> str:
     """The verdict when the checker itself raised: the answer could not be used, or a checker bug."""
     if learner.returned is _NOTHING:  # nothing came back yet, so the answer cannot be the cause
-        return (f"the checker failed before it had an answer from your function ({first_line(error)}); "
-                "this is a bug in ipa_lab.checks, not in your code")
-    return (f"your function returned {describe(learner.returned)}, which the checker cannot use "
-            f"({first_line(error)}); expected {_expected(check)}")
+        return tr(f"the checker failed before it had an answer from your function ({first_line(error)}); "
+                  "this is a bug in ipa_lab.checks, not in your code",
+                  f"检查器在拿到你的函数的返回值之前就出错了（{first_line(error)}）；"
+                  "这是 ipa_lab.checks 的 bug，不是你的代码的问题")
+    return tr(f"your function returned {describe(learner.returned)}, which the checker cannot use "
+              f"({first_line(error)}); expected {_expected(check)}",
+              f"你的函数返回了 {describe(learner.returned)}，检查器无法使用（{first_line(error)}）；"
+              f"期望的是：{_expected(check)}")
 
 
 _checked: dict[str, tuple] = {}  # exercise name -> (the answer its checker was last given, the verdict line)
@@ -162,11 +208,14 @@ def grade(name: str) -> None:
     learner's own piece, not the one the notebook carries on with), else raises AssertionError
     with the verdict, so a grade's feedback says what is wrong. Prints nothing."""
     if name not in _checked:
-        raise AssertionError(f"{name}: the exercise's cell has not run (it ends with the checker's call); run it first")
+        raise AssertionError(tr(f"{name}: the exercise's cell has not run (it ends with the checker's call); run it first",
+                                f"{name}：这个练习的单元格还没有运行（它以检查器的调用结尾）；请先运行它"))
     answer, line = _checked[name]
     if getattr(answer, "__module__", "").startswith("ipa_lab"):
-        raise AssertionError(f"FAIL {name}: the checker was given ipa_lab's own {getattr(answer, '__name__', name)}, "
-                             "not yours: pass it what your cell defines")
+        own = getattr(answer, "__name__", name)
+        raise AssertionError(tr(f"FAIL {name}: the checker was given ipa_lab's own {own}, "
+                                "not yours: pass it what your cell defines",
+                                f"FAIL {name}: 检查器收到的是 ipa_lab 自带的 {own}，不是你的：请传入你的单元格所定义的那个"))
     if not line.startswith("PASS"):
         raise AssertionError(line)
 
@@ -174,16 +223,18 @@ def grade(name: str) -> None:
 def checker(check=None, *, fallback: str | None = None):
     """Turn `check(fn) -> str` (the pass message; raises CheckFailed) into a verdict printer.
 
-    `fallback` (used by `builds`) names what the notebook uses when the answer does not pass; the
-    verdict line then says so."""
+    `fallback` (used by `builds`) names the piece of ipa_lab the notebook uses when the answer
+    does not pass (e.g. "ImageProjModel"); the verdict line then says so."""
     if check is None:
         return functools.partial(checker, fallback=fallback)
-    carry_on = "the notebook carries on with " + (fallback or "ipa_lab's version")
-    then = f"; {carry_on} until yours passes" if fallback else ""
 
     @functools.wraps(check)
     def run(fn) -> bool:
         name = check.__name__
+        carry_on = (tr(f"the notebook carries on with ipa_lab's {fallback}", f"笔记本继续使用 ipa_lab 的 {fallback}")
+                    if fallback else
+                    tr("the notebook carries on with ipa_lab's version", "笔记本继续使用 ipa_lab 的版本"))
+        then = tr(f"; {carry_on} until yours passes", f"；在你的实现通过之前，{carry_on}") if fallback else ""
         _checked.pop(name, None)  # a new answer: the previous verdict no longer stands
 
         def print(line):  # every verdict line is also kept, with its answer, for `grade`
@@ -191,30 +242,36 @@ def checker(check=None, *, fallback: str | None = None):
             builtins.print(line)
 
         if not callable(fn):  # e.g. checks.latent_shape(latent_shape(32, 32, cfg))
-            print(f"FAIL {name}: pass your function itself, as in checks.{name}(my_function), "
-                  f"not what it returns (got {describe(fn)})")
+            print(f"FAIL {name}: " + tr(f"pass your function itself, as in checks.{name}(my_function), "
+                                        f"not what it returns (got {describe(fn)})",
+                                        f"请传入函数本身，如 checks.{name}(my_function)，而不是它的返回值"
+                                        f"（收到的是 {describe(fn)}）"))
             return False
         learner = LearnerFunction(fn)
         try:
             msg = check(learner)
         except NotYetImplemented as e:
             if e.other:  # an earlier exercise's stub, called by this piece
-                print(f"TODO {name}: your code calls {e.other}, which is still the stub; solve that exercise "
-                      f"first ({carry_on})")
+                print(f"TODO {name}: " + tr(f"your code calls {e.other}, which is still the stub; solve that exercise "
+                                            f"first ({carry_on})",
+                                            f"你的代码调用了 {e.other}，而它还是未实现的占位代码；请先完成那个练习"
+                                            f"（{carry_on}）"))
             else:
-                print(f"TODO {name}: not yet implemented ({carry_on})")
+                print(f"TODO {name}: " + tr(f"not yet implemented ({carry_on})", f"尚未实现（{carry_on}）"))
             return False
         except CheckFailed as e:
             print(f"FAIL {name}: {e}{then}")
             return False
         except LearnerRaised as e:  # the learner's code crashed: say where, briefly
-            print(f"FAIL {name}: your code raised {first_line(e.error)}{then}")
+            print(f"FAIL {name}: " + tr(f"your code raised {first_line(e.error)}{then}",
+                                        f"你的代码抛出了 {first_line(e.error)}{then}"))
             return False
         except Exception as e:  # the checker stumbled on the answer: not the learner's crash
             print(f"FAIL {name}: {_unusable(check, learner, e)}{then}")
             return False
         if fallback:
-            msg = f"{msg.rstrip('.')}. The notebook uses yours from here on."
+            msg = tr(f"{msg.rstrip('.')}. The notebook uses yours from here on.",
+                     f"{msg.rstrip('。.')}。从这里开始，笔记本使用你的实现。")
         print(f"PASS {name}: {msg}")
         return True
 
@@ -227,22 +284,28 @@ def expect(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
-def expect_shape(t, shape, what: str = "the output") -> None:
-    """`t` is a tensor of exactly `shape`."""
-    expect(isinstance(t, torch.Tensor), f"{what} should be a torch.Tensor, got {type(t).__name__}")
-    expect(tuple(t.shape) == tuple(shape), f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+def expect_shape(t, shape, what: str | None = None) -> None:
+    """`t` is a tensor of exactly `shape`. `what` names it (already in the learner's language, via
+    `tr`); by default "the output"."""
+    what = what or tr("the output", "输出")
+    expect(isinstance(t, torch.Tensor), tr(f"{what} should be a torch.Tensor, got {type(t).__name__}",
+                                           f"{zh_word(what)}应为 torch.Tensor，实际是 {type(t).__name__}"))
+    expect(tuple(t.shape) == tuple(shape), tr(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}",
+                                              f"{zh_word(what)}的形状是 {tuple(t.shape)}，应为 {tuple(shape)}"))
 
 
-def expect_close(a: torch.Tensor, b: torch.Tensor, what: str = "the output", atol: float = 1e-5) -> None:
+def expect_close(a: torch.Tensor, b: torch.Tensor, what: str | None = None, atol: float = 1e-5) -> None:
     """`a` has `b`'s shape and its values within `atol`; the message gives the largest difference."""
+    what = what or tr("the output", "输出")
     expect_shape(a, b.shape, what)
     diff = (a.detach().float() - b.detach().float()).abs().max().item()
-    expect(diff <= atol, f"{what} differs from the expected values by up to {diff:.3g} (allowed {atol:g})")
+    expect(diff <= atol, tr(f"{what} differs from the expected values by up to {diff:.3g} (allowed {atol:g})",
+                            f"{zh_word(what)}与期望值最多相差 {diff:.3g}（允许 {atol:g}）"))
 
 
 def expect_equal(got, want, what: str) -> None:
     """`got == want`; the message shows both."""
-    expect(got == want, f"{what} is {got!r}, expected {want!r}")
+    expect(got == want, tr(f"{what} is {got!r}, expected {want!r}", f"{zh_word(what)}是 {got!r}，应为 {want!r}"))
 
 
 def as_number(value) -> float | None:
@@ -285,7 +348,7 @@ def builds(path: str):
 
     def wrap(check):
         name = path.rpartition(".")[2]
-        verdict = checker(check, fallback=f"ipa_lab's {name}")
+        verdict = checker(check, fallback=name)
 
         @functools.wraps(check)
         def run(piece):
