@@ -119,3 +119,36 @@ def test_the_glossary_links_resolve():
     text = (translate.ROOT / "docs" / "glossary.md").read_text(encoding="utf-8")
     targets = [t for t in _LINK.findall(text) if not re.match(r"[a-z]+:", t)]
     assert targets and all((translate.ROOT / "docs" / t).resolve().exists() for t in targets)
+
+
+def _glossary_rows() -> list[tuple[str, str, str]]:
+    rows = []
+    for line in (translate.ROOT / "docs" / "glossary.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| ") and not line.startswith("| English"):
+            english, chinese, link = (c.strip() for c in line.strip().strip("|").split("|"))
+            rows.append((english, chinese, re.search(r"\(\.\./notebooks/(\w+)\.ipynb\)", link).group(1)))
+    return rows
+
+
+def test_each_glossary_term_is_used_in_the_notebook_it_links_to():
+    """The glossary is the translation's: a term it lists is the one the linked Chinese notebook uses."""
+    texts = {p.stem: "\n".join(e.text for e in translate.load(p).values()) for p in NOTEBOOKS}
+    rows = _glossary_rows()
+    assert len(rows) > 40
+    unused = [(english, chinese, stem) for english, chinese, stem in rows
+              if re.split(r"（| / ", chinese)[0].strip() not in texts[stem]]
+    assert not unused, f"glossary terms not found in the Chinese text of the notebook they link to: {unused}"
+
+
+def test_no_line_break_between_two_chinese_characters():
+    """Markdown renders a line break inside a paragraph as a space: a stray gap in Chinese text."""
+    cjk = re.compile(r"[\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]")
+    found = []
+    for notebook in NOTEBOOKS:
+        for entry in translate.load(notebook).values():
+            lines = entry.text.split("\n")
+            for a, b in zip(lines, lines[1:]):
+                rest = b.lstrip()
+                if a and rest and cjk.match(a[-1]) and cjk.match(rest[0]):
+                    found.append(f"{notebook.stem}, cell {entry.cell_id}: {a[-10:]!r} / {rest[:10]!r}")
+    assert not found, found
