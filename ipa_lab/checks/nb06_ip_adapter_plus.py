@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import torch
 
-from .core import CheckFailed, builds, expect, expect_shape, learner_code
+from .core import CheckFailed, builds, expect, expect_shape, learner_code, tr
 
 # (what, keyword arguments): the toy Plus's size, and two small ones that catch hard-coded sizes
-_SIZES = (("the toy Plus's size (dim 64, 12 heads of 64)", dict(dim=64, dim_head=64, heads=12)),
-          ("dim 32, 4 heads of 8", dict(dim=32, dim_head=8, heads=4)),
-          ("dim 48, 3 heads of 16", dict(dim=48, dim_head=16, heads=3)))
+# (`what` is an (English, Chinese) pair, put through `tr` when the check runs)
+_SIZES = ((("the toy Plus's size (dim 64, 12 heads of 64)", "按玩具版 Plus 的尺寸（dim 64，12 个头，每头 64）"),
+           dict(dim=64, dim_head=64, heads=12)),
+          (("dim 32, 4 heads of 8", "按 dim 32、4 个头（每头 8）"), dict(dim=32, dim_head=8, heads=4)),
+          (("dim 48, 3 heads of 16", "按 dim 48、3 个头（每头 16）"), dict(dim=48, dim_head=16, heads=3)))
 
-# What each parameter of the original is for, for the messages about names and shapes.
-_ROLES = {"norm1": "the LayerNorm of the image features", "norm2": "the LayerNorm of the latents (the queries)",
-          "to_q": "the queries' Linear (dim -> heads * dim_head, no bias)",
-          "to_kv": "ONE Linear for keys and values together (dim -> 2 * heads * dim_head, no bias)",
-          "to_out": "the output Linear (heads * dim_head -> dim, no bias)"}
+# What each parameter of the original is for, for the messages about names and shapes (English, Chinese).
+_ROLES = {"norm1": ("the LayerNorm of the image features", "图像特征的 LayerNorm"),
+          "norm2": ("the LayerNorm of the latents (the queries)", "latents（即查询）的 LayerNorm"),
+          "to_q": ("the queries' Linear (dim -> heads * dim_head, no bias)",
+                   "查询的 Linear（dim -> heads * dim_head，无偏置）"),
+          "to_kv": ("ONE Linear for keys and values together (dim -> 2 * heads * dim_head, no bias)",
+                    "键和值共用的一个 Linear（dim -> 2 * heads * dim_head，无偏置）"),
+          "to_out": ("the output Linear (heads * dim_head -> dim, no bias)", "输出的 Linear（heads * dim_head -> dim，无偏置）")}
+
+
+def _role(layer: str) -> str:
+    return tr(*_ROLES[layer])
 
 
 def _reference_module(kw: dict):
@@ -42,18 +51,27 @@ def _check_names(mine: dict, want: dict, what: str) -> None:
         layer = name.split(".")[0]
         if name not in mine:
             split = "to_k.weight" in mine or "to_v.weight" in mine
-            expect(not (layer == "to_kv" and split), f"at {what}: you have to_k and to_v: the original has "
-                   f"{_ROLES['to_kv']}, and its checkpoints store to_kv.weight")
-            raise CheckFailed(f"at {what}: the parameter {name} is missing: it is {_ROLES[layer]}. Use the "
-                              "original's names (norm1, norm2, to_q, to_kv, to_out) so its checkpoints load")
-        expect(tuple(mine[name].shape) == tuple(tensor.shape), f"at {what}: {name} has shape "
-               f"{tuple(mine[name].shape)}, expected {tuple(tensor.shape)}: it is {_ROLES[layer]}")
+            expect(not (layer == "to_kv" and split), tr(
+                f"at {what}: you have to_k and to_v: the original has "
+                f"{_role('to_kv')}, and its checkpoints store to_kv.weight",
+                f"{what}：你用了 to_k 和 to_v；原版用的是{_role('to_kv')}，它的检查点存的是 to_kv.weight"))
+            raise CheckFailed(tr(f"at {what}: the parameter {name} is missing: it is {_role(layer)}. Use the "
+                                 "original's names (norm1, norm2, to_q, to_kv, to_out) so its checkpoints load",
+                                 f"{what}：缺少参数 {name}，它是{_role(layer)}。请使用原版的名字"
+                                 "（norm1、norm2、to_q、to_kv、to_out），这样原版的检查点才能加载"))
+        expect(tuple(mine[name].shape) == tuple(tensor.shape), tr(
+            f"at {what}: {name} has shape "
+            f"{tuple(mine[name].shape)}, expected {tuple(tensor.shape)}: it is {_role(layer)}",
+            f"{what}：{name} 的形状是 {tuple(mine[name].shape)}，应为 {tuple(tensor.shape)}：它是{_role(layer)}"))
     extra = sorted(set(mine) - set(want))
     if extra:
         bias = [n for n in extra if n.endswith(".bias") and n.split(".")[0] in ("to_q", "to_kv", "to_out")]
-        expect(not bias, f"at {what}: your module has {', '.join(bias)}: the original's to_q, to_kv and to_out "
-               "are Linear(..., bias=False)")
-        raise CheckFailed(f"at {what}: your module has parameters the original has not: {', '.join(extra)}")
+        expect(not bias, tr(f"at {what}: your module has {', '.join(bias)}: the original's to_q, to_kv and to_out "
+                            "are Linear(..., bias=False)",
+                            f"{what}：你的模块有 {', '.join(bias)}；原版的 to_q、to_kv 和 to_out "
+                            "都是 Linear(..., bias=False)"))
+        raise CheckFailed(tr(f"at {what}: your module has parameters the original has not: {', '.join(extra)}",
+                             f"{what}：你的模块有原版没有的参数：{', '.join(extra)}"))
 
 
 def _attend(m, x, latents, *, kv="both", norms="right", q_power=-0.25, k_power=-0.25, softmax_dim=-1, heads=None,
@@ -73,21 +91,30 @@ def _attend(m, x, latents, *, kv="both", norms="right", q_power=-0.25, k_power=-
     return m.to_out(out)
 
 
-_MISTAKES = (
-    (dict(kv="x"), "the keys and values come from the image features alone: compute them from torch.cat([x, "
-     "latents], dim=-2), so each query also attends to the latents (itself and the other queries)"),
-    (dict(kv="latents"), "the keys and values come from the latents alone: then the queries never see the image. "
-     "Compute them from torch.cat([x, latents], dim=-2)"),
-    (dict(norms="none"), "no LayerNorms: apply norm1 to the image features and norm2 to the latents first"),
-    (dict(norms="swapped"), "norm1 and norm2 are swapped: norm1 is for the image features x, norm2 for the latents"),
-    (dict(k_power=0.0), "only q is scaled: scale q AND k by dim_head ** -0.25 (the product then carries "
-     "1/sqrt(dim_head))"),
-    (dict(q_power=0.0, k_power=0.0), "the scores are not scaled: scale q and k by dim_head ** -0.25 each, or "
-     "the softmax saturates as dim_head grows"),
-    (dict(q_power=-0.5, k_power=-0.5), "the scores are scaled by 1/dim_head: each of q and k gets "
-     "dim_head ** -0.25, so that their product gets dim_head ** -0.5"),
-    (dict(softmax_dim=-2), "the softmax runs over the queries (dim=-2): each query's weights over the keys must "
-     "sum to 1, softmax(dim=-1)"),
+_MISTAKES = (  # (knobs, (English, Chinese)): what the mistake is, said in the learner's language by `tr`
+    (dict(kv="x"), ("the keys and values come from the image features alone: compute them from torch.cat([x, "
+     "latents], dim=-2), so each query also attends to the latents (itself and the other queries)",
+     "键和值只来自图像特征：应从 torch.cat([x, latents], dim=-2) 计算，让每个查询也关注 latents"
+     "（它自己和其他查询）")),
+    (dict(kv="latents"), ("the keys and values come from the latents alone: then the queries never see the image. "
+     "Compute them from torch.cat([x, latents], dim=-2)",
+     "键和值只来自 latents：这样查询永远看不到图像。应从 torch.cat([x, latents], dim=-2) 计算")),
+    (dict(norms="none"), ("no LayerNorms: apply norm1 to the image features and norm2 to the latents first",
+     "没有 LayerNorm：先对图像特征用 norm1，对 latents 用 norm2")),
+    (dict(norms="swapped"), ("norm1 and norm2 are swapped: norm1 is for the image features x, norm2 for the latents",
+     "norm1 和 norm2 用反了：norm1 用于图像特征 x，norm2 用于 latents")),
+    (dict(k_power=0.0), ("only q is scaled: scale q AND k by dim_head ** -0.25 (the product then carries "
+     "1/sqrt(dim_head))",
+     "只缩放了 q：q 和 k 都要乘以 dim_head ** -0.25（二者的乘积就带上 1/sqrt(dim_head)）")),
+    (dict(q_power=0.0, k_power=0.0), ("the scores are not scaled: scale q and k by dim_head ** -0.25 each, or "
+     "the softmax saturates as dim_head grows",
+     "注意力分数没有缩放：q 和 k 各乘以 dim_head ** -0.25，否则 dim_head 变大时 softmax 会饱和")),
+    (dict(q_power=-0.5, k_power=-0.5), ("the scores are scaled by 1/dim_head: each of q and k gets "
+     "dim_head ** -0.25, so that their product gets dim_head ** -0.5",
+     "注意力分数被缩放成了 1/dim_head：q 和 k 各乘 dim_head ** -0.25，二者的乘积才是 dim_head ** -0.5")),
+    (dict(softmax_dim=-2), ("the softmax runs over the queries (dim=-2): each query's weights over the keys must "
+     "sum to 1, softmax(dim=-1)",
+     "softmax 是在查询维度（dim=-2）上做的：每个查询对所有键的权重之和应为 1，即 softmax(dim=-1)")),
 )
 
 
@@ -106,37 +133,55 @@ def _check_outputs(module, m, kw: dict, what: str, cls) -> None:
     with torch.no_grad():
         want = m(x, latents)
         got = learner_code(module, owner=cls)(x.clone(), latents.clone())
-        expect(isinstance(got, torch.Tensor), f"at {what}: forward returned {type(got).__name__}: return a tensor")
+        expect(isinstance(got, torch.Tensor), tr(f"at {what}: forward returned {type(got).__name__}: return a tensor",
+                                                 f"{what}：forward 返回了 {type(got).__name__}，应返回一个张量"))
         inner = kw["heads"] * kw["dim_head"]
-        expect(tuple(got.shape) != (2, kw["heads"], 16, kw["dim_head"]), f"at {what}: the output has shape "
-               f"{tuple(got.shape)}: merge the heads back, (batch, heads, n, d) -> (batch, n, heads * d), then to_out")
-        expect(tuple(got.shape) != (2, 16, inner) or inner == kw["dim"], f"at {what}: the output has shape "
-               f"{tuple(got.shape)}: apply to_out after merging the heads")
-        expect_shape(got, want.shape, f"at {what}: the output for 16 latents")
+        expect(tuple(got.shape) != (2, kw["heads"], 16, kw["dim_head"]), tr(
+            f"at {what}: the output has shape "
+            f"{tuple(got.shape)}: merge the heads back, (batch, heads, n, d) -> (batch, n, heads * d), then to_out",
+            f"{what}：输出的形状是 {tuple(got.shape)}：先把各个头合并回去，(batch, heads, n, d) -> "
+            "(batch, n, heads * d)，再接 to_out"))
+        expect(tuple(got.shape) != (2, 16, inner) or inner == kw["dim"], tr(
+            f"at {what}: the output has shape "
+            f"{tuple(got.shape)}: apply to_out after merging the heads",
+            f"{what}：输出的形状是 {tuple(got.shape)}：合并各个头之后还要经过 to_out"))
+        expect_shape(got, want.shape, tr(f"at {what}: the output for 16 latents", f"{what}：16 个 latents 的输出"))
         if torch.allclose(got, want, atol=1e-5):
             return
         for knobs, message in _MISTAKES:
-            expect(not torch.allclose(got, _attend(m, x, latents, **knobs), atol=1e-4), f"at {what}: {message}")
-        expect(not _one_head_mistake(m, x, latents, got), f"at {what}: the heads are not split: view q, k and v as "
-               "(batch, heads, n, dim_head) before the scores, so each head attends on its own")
+            expect(not torch.allclose(got, _attend(m, x, latents, **knobs), atol=1e-4),
+                   tr(f"at {what}: {message[0]}", f"{what}：{message[1]}"))
+        expect(not _one_head_mistake(m, x, latents, got), tr(
+            f"at {what}: the heads are not split: view q, k and v as "
+            "(batch, heads, n, dim_head) before the scores, so each head attends on its own",
+            f"{what}：没有拆分多头：计算注意力分数之前，把 q、k、v 变形为 (batch, heads, n, dim_head)，"
+            "让每个头各自做注意力"))
         diff = (got - want).abs().max().item()
-    raise CheckFailed(f"at {what}: your output differs from the original's by up to {diff:.3g} (same weights)")
+    raise CheckFailed(tr(f"at {what}: your output differs from the original's by up to {diff:.3g} (same weights)",
+                         f"{what}：你的输出与原版相差最多 {diff:.3g}（权重相同）"))
 
 
 @builds("projection.PerceiverAttention")
 def perceiver_attention(cls) -> str:
-    """cls(*, dim, dim_head, heads): a module whose forward(x, latents) is the Resampler's attention."""
-    for what, kw in _SIZES:
+    """cls(*, dim, dim_head, heads): a module whose forward(x, latents) is the Resampler's attention.
+
+    中文：cls(*, dim, dim_head, heads)：一个模块，它的 forward(x, latents) 就是 Resampler 的注意力。"""
+    for (what_en, what_zh), kw in _SIZES:
+        what = tr(what_en, what_zh)
         m = _reference_module(kw)
         with torch.random.fork_rng():
             torch.manual_seed(6)
             module = cls(**kw)
-        expect(isinstance(module, torch.nn.Module), f"at {what}: PerceiverAttention(...) should build a "
-               f"torch.nn.Module, got {type(module).__name__}")
+        expect(isinstance(module, torch.nn.Module), tr(
+            f"at {what}: PerceiverAttention(...) should build a "
+            f"torch.nn.Module, got {type(module).__name__}",
+            f"{what}：PerceiverAttention(...) 应构建一个 torch.nn.Module，实际得到 {type(module).__name__}"))
         want = m.state_dict()
         _check_names(module.state_dict(), want, what)
         module.load_state_dict(want)
         module.eval()
         _check_outputs(module, m, kw, what, cls)
-    return ("queries from the latents, keys and values from [features; latents], q and k each scaled by "
-            "dim_head ** -0.25, softmax over the keys; the original's parameter names, so the Plus checkpoints load.")
+    return tr("queries from the latents, keys and values from [features; latents], q and k each scaled by "
+              "dim_head ** -0.25, softmax over the keys; the original's parameter names, so the Plus checkpoints load.",
+              "查询来自 latents，键和值来自 [图像特征; latents]，q 和 k 各乘 dim_head ** -0.25，softmax 在键上做；"
+              "参数名与原版一致，所以 Plus 的检查点能加载。")
