@@ -207,7 +207,8 @@ def _check_branch_layers(processor: nn.Module, hidden: int, cross: int, scale: f
                   f"{attribute} (got {getattr(processor, attribute, 'nothing')!r}, expected {value!r}): "
                   "set_scale and the checkpoint tools read processor.scale and processor.num_tokens",
                   f"请把 {attribute} 存为属性，self.{attribute} = {attribute}"
-                  f"（得到 {getattr(processor, attribute, '（无）')!r}，应为 {value!r}）："
+                  + (f"（得到 {getattr(processor, attribute)!r}，应为 {value!r}）：" if hasattr(processor, attribute)
+                     else f"（现在没有这个属性，应为 {value!r}）：") +
                   "set_scale 和检查点工具会读取 processor.scale 和 processor.num_tokens"))
 
 
@@ -317,7 +318,8 @@ def _compare_processor(got, want, mistakes: dict, what: str) -> None:
     if torch.allclose(got, want, atol=1e-5):
         return
     for message, wrong in mistakes.items():
-        expect(wrong.shape != got.shape or not torch.allclose(got, wrong, atol=1e-5), f"{what}: {message}")
+        expect(wrong.shape != got.shape or not torch.allclose(got, wrong, atol=1e-5),
+               tr(f"{what}: {message}", f"{what}：{message}"))
     expect_close(got, want, what)
 
 
