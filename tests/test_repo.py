@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pyproject_deps() -> list[str]:
-    """The package's dependencies and those of its extras (course, test): all pinned."""
+    """The package's dependencies and those of its extras (course, test, site): all pinned."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
 
@@ -19,8 +19,8 @@ def test_the_package_needs_no_course_or_test_tools():
     ipa_lab to train does not install a notebook server."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {re.split("[=<>]", d)[0] for d in project["dependencies"]}
-    assert not runtime & {"jupyterlab", "matplotlib", "ipywidgets", "nbval", "pytest"}
-    assert set(project["optional-dependencies"]) == {"course", "test"}
+    assert not runtime & {"jupyterlab", "matplotlib", "ipywidgets", "nbval", "pytest", "jupyter-book", "playwright"}
+    assert set(project["optional-dependencies"]) == {"course", "test", "site"}
 
 
 def _environment_pip_deps() -> list[str]:
@@ -54,7 +54,7 @@ def _readme_commands() -> dict[str, str]:
 def test_readme_has_a_start_command_and_a_test_command():
     cmds = _readme_commands()
     assert "pip install" in cmds["start"] and "notebooks" in cmds["start"] and ".[course]" in cmds["start"]
-    assert ".[course,test]" in cmds["test"]
+    assert ".[course,test,site]" in cmds["test"]  # site: the website's browser test (tests/test_site.py)
     assert "--nbval" in cmds["test"] and "--nbval-lax" not in cmds["test"]
 
 
