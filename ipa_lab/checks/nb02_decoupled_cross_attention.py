@@ -57,8 +57,8 @@ def hidden_size_of(fn) -> str:
                                    "宽度是最深处的 block_out_channels[-1]"))
         expect(got == want, tr(f"{where}: got {got}, expected {want}", f"{where}：得到 {got}，应为 {want}"))
     return tr("down_blocks.i -> block_out_channels[i], up_blocks.i -> reversed(...)[i], mid_block -> block_out_channels[-1].",
-              "down_blocks.i -> block_out_channels[i]，up_blocks.i -> reversed(...)[i]，"
-              "mid_block -> block_out_channels[-1]。")
+              "down_blocks.i 的宽度是 block_out_channels[i]，up_blocks.i 是 reversed(...)[i]，"
+              "mid_block 是 block_out_channels[-1]。")
 
 
 def _softmax_attention(q, k, v, scaled: bool = True, dim: int = -1):
