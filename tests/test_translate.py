@@ -152,3 +152,20 @@ def test_no_line_break_between_two_chinese_characters():
                 if a and rest and cjk.match(a[-1]) and cjk.match(rest[0]):
                     found.append(f"{notebook.stem}, cell {entry.cell_id}: {a[-10:]!r} / {rest[:10]!r}")
     assert not found, found
+
+
+def test_the_chinese_readme_gives_the_english_readmes_commands():
+    """README.zh-CN.md's install, test and site commands are the README's, verbatim."""
+    def commands(name):
+        text = (translate.ROOT / name).read_text(encoding="utf-8")
+        return {b.strip() for b in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S) if "python3.11 -m venv" in b}
+
+    english, chinese = commands("README.md"), commands("README.zh-CN.md")
+    assert len(english) >= 3 and chinese == english
+
+
+def test_the_chinese_readmes_links_resolve():
+    text = (translate.ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in _LINK.findall(text) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+    missing = [t for t in targets if not (translate.ROOT / t).exists()]
+    assert targets and not missing, missing
