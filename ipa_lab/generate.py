@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import install_ip_adapter, ip_processors
+from .attention import AttnProcessor
 from .checkpoint import CheckpointMismatchError, image_proj_from_state_dict, load_into, read_checkpoint
 from .encoders import image_features, unconditional_image_features
 from .projection import ImageProjModel, is_plus, num_tokens_of
@@ -72,21 +73,26 @@ def plain_attention(unet):
         unet.set_attn_processor(saved)
 
 
-def set_scale(unet, scale: float) -> int:
-    """Set the image branch's weight (lambda) in every IP-Adapter processor; return how many.
-
-    scale 0 gives the original model back exactly; 1 is what the adapter was trained with.
-    Works on our IPAttnProcessor (a float) and on diffusers' processors (a list, one per adapter).
+def keep_image_branch(unet, layers) -> nn.ModuleList:
+    """Keep the image branch only in the attention layers named in `layers` (module paths such as
+    'up_blocks.1.attentions.0', or whole blocks such as 'mid_block'); every other IP-Adapter
+    processor becomes a plain `AttnProcessor`. Returns the new `adapter_modules`, in
+    `unet.attn_processors` order as always, so the kept layers keep their checkpoint keys
+    (`9.to_k_ip.weight` stays 9): a file saved from it is the original format, holding only the kept layers.
     """
-    processors = list(ip_processors(unet).values())
-    if not processors:
-        raise RuntimeError("this UNet has no IP-Adapter processors: call load_adapter(pipe, checkpoint) first")
-    for p in processors:
-        p.scale = [float(scale)] * len(p.scale) if isinstance(p.scale, list) else float(scale)
-    return len(processors)
+    layers = list(layers)
+    processors = ip_processors(unet)
+    kept = {n for n in processors if any(n == w or n.startswith(w + ".") for w in layers)}
+    unused = [w for w in layers if not any(n == w or n.startswith(w + ".") for n in processors)]
+    if unused or not kept:
+        raise ValueError(f"no IP-Adapter processor under {unused or layers}; this UNet's are under "
+                         f"{sorted({_layer_of(n) for n in processors})}")
+    unet.set_attn_processor({n: (p if n in kept or n not in processors else AttnProcessor())
+                             for n, p in unet.attn_processors.items()})
+    return nn.ModuleList(unet.attn_processors.values())
 
 
-def load_adapter(pipe, checkpoint, scale: float = 1.0) -> nn.Module:
+def load_adapter(pipe, checkpoint, scale: float = 1.0, partial: bool = False) -> nn.Module:
     """Put a trained IP-Adapter into `pipe.unet` with our processors; return the image projection.
 
     `checkpoint`: a `.safetensors`/`.bin` path or the dict `{"image_proj": ..., "ip_adapter": ...}`.
@@ -95,6 +101,8 @@ def load_adapter(pipe, checkpoint, scale: float = 1.0) -> nn.Module:
     the projection strictly (one error lists every missing, unexpected or mis-shaped key); move
     the projection to the pipeline's device and dtype. An adapter already in the UNet is
     replaced. On any error the UNet is left with plain attention, never half-loaded.
+    `partial=True` loads an adapter trained in some layers only (notebook 9, `keep_image_branch`):
+    the image branch goes only where the checkpoint has `to_k_ip` weights, and those load strictly.
     """
     state = read_checkpoint(checkpoint)
     image_proj_model = image_proj_from_state_dict(state["image_proj"])
@@ -118,11 +126,143 @@ def load_adapter(pipe, checkpoint, scale: float = 1.0) -> nn.Module:
     remove_adapter(pipe)
     try:
         adapter_modules = install_ip_adapter(unet, num_tokens=num_tokens_of(image_proj_model), scale=scale)
+        if partial:
+            names = list(unet.attn_processors)
+            have = {int(k.split(".")[0]) for k in state["ip_adapter"] if k.split(".")[0].isdigit()}
+            adapter_modules = keep_image_branch(unet, [_layer_of(names[i]) for i in sorted(have) if i < len(names)])
         load_into(state, image_proj_model, adapter_modules)
     except BaseException:
         remove_adapter(pipe)
         raise
     return image_proj_model.to(device=unet.device, dtype=unet.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image branch's weight: one number, or one per block (InstantStyle), or one per adapter
+# ---------------------------------------------------------------------------------------------
+def attention_blocks(unet) -> dict[str, int]:
+    """The UNet's blocks that hold attention, in diffusers' short names, with how many each holds.
+
+    diffusers' scale dicts name blocks "down"/"up" + "block_<i>" and "mid": for the toy UNet
+    {'down.block_0': 1, 'down.block_1': 1, 'mid': 1, 'up.block_1': 2, 'up.block_2': 2}; for SD 1.5
+    down 0-2 (2 each), mid (1), up 1-3 (3 each). Blocks without attention (the toy's
+    down_blocks.2 and up_blocks.0) cannot be named: they have no image branch.
+    """
+    found = {}
+    for side in ("down", "up"):
+        for i, block in enumerate(getattr(unet, f"{side}_blocks")):
+            if getattr(block, "attentions", None) is not None:
+                found[f"{side}.block_{i}"] = len(block.attentions)
+    if getattr(getattr(unet, "mid_block", None), "attentions", None) is not None:
+        found["mid"] = len(unet.mid_block.attentions)
+    return found
+
+
+def attention_layer(short: str, k: int) -> str:
+    """diffusers' short name and attention index -> the layer's module path:
+    ('up.block_1', 0) -> 'up_blocks.1.attentions.0', ('mid', 0) -> 'mid_block.attentions.0'."""
+    if short == "mid":
+        return f"mid_block.attentions.{k}"
+    side, block = short.split(".")
+    return f"{side}_blocks.{block[len('block_'):]}.attentions.{k}"
+
+
+def _number(value, where: str):
+    """A scale is a number (or, for masked image prompts through diffusers, a list of numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"the scale for {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def block_scales(unet, scale) -> dict[str, float]:
+    """One adapter's scale spec, in the format of diffusers' `set_ip_adapter_scale`, -> one scale
+    per attention layer of the UNet: {'down_blocks.0.attentions.0': 0.0, ..., 'mid_block.attentions.0': 1.0}.
+
+    - a number: every layer gets it;
+    - a dict with keys among "down", "mid", "up": "down"/"up" take a number (all their blocks) or
+      a dict {"block_<i>": number or list}, a list holding one number per attention of the block
+      (a one-element list counts for all of them); "mid" takes a number or a one-element list.
+      **Everything not listed gets 0.0**: the InstantStyle way, inject the image only where named.
+    This is what diffusers' `_maybe_expand_lora_scales(..., default_scale=0.0)` computes, with one
+    difference: a block name this UNet has no attention in ("block_7", or the toy's "down.block_2")
+    is an error here, where diffusers ignores it silently. Every error is raised before any
+    processor is touched.
+    """
+    blocks = attention_blocks(unet)
+    layers = {attention_layer(short, k): 0.0 for short, n in blocks.items() for k in range(n)}
+    if not isinstance(scale, dict):
+        value = _number(scale, "every layer")
+        return {name: value for name in layers}
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in the scale dict: use 'down', 'mid' and 'up'")
+    for side, value in scale.items():
+        if side == "mid":
+            if isinstance(value, list):
+                if len(value) != 1:
+                    raise ValueError(f"'mid' has one attention: expected 1 scale, got {len(value)}")
+                value = value[0]
+            if "mid" not in blocks:
+                raise ValueError("this UNet's mid block has no attention: 'mid' cannot be set")
+            layers["mid_block.attentions.0"] = _number(value, "mid")
+            continue
+        own = {short.split(".")[1]: n for short, n in blocks.items() if short.startswith(side + ".")}
+        per_block = value if isinstance(value, dict) else {name: value for name in own}
+        for name, block_value in per_block.items():
+            if name not in own:
+                raise ValueError(f"'{side}' has no block {name!r} with attention; this UNet's {side} blocks with "
+                                 f"attention are {sorted(own)}")
+            n = own[name]
+            values = block_value if isinstance(block_value, list) else [block_value]
+            if len(values) == 1:
+                values = values * n
+            if len(values) != n:
+                raise ValueError(f"{side}.{name} has {n} attention layer(s): expected {n} scales "
+                                 f"(or one for all), got {len(values)}")
+            for k, v in enumerate(values):
+                layers[attention_layer(f"{side}.{name}", k)] = _number(v, f"{side}.{name}[{k}]")
+    return layers
+
+
+def _layer_of(processor_name: str) -> str:
+    """'up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor' -> 'up_blocks.1.attentions.0'."""
+    parts = processor_name.split(".")
+    return ".".join(parts[:3] if parts[0] == "mid_block" else parts[:4])
+
+
+def set_scale(unet, scale) -> int:
+    """Set the image branch's weight (lambda) in every IP-Adapter processor; return how many.
+
+    `scale` is what diffusers' `pipe.set_ip_adapter_scale` takes: a number for every layer; a dict
+    by block (`block_scales`: {"down": {"block_1": 1.0}, "up": {"block_1": [0.0, 1.0]}}, everything
+    unlisted at 0); or a list of those, one per loaded adapter (several adapters: only diffusers'
+    processors hold more than one). scale 0 gives the original model back exactly; 1 is what the
+    adapter was trained with. Works on our IPAttnProcessor (a float) and on diffusers' processors
+    (a list, one per adapter). Every spec is checked before any processor changes.
+    """
+    processors = ip_processors(unet)
+    if not processors:
+        raise RuntimeError("this UNet has no IP-Adapter processors: call load_adapter(pipe, checkpoint) first")
+    specs = scale if isinstance(scale, list) else [scale]
+    if not specs:
+        raise ValueError("an empty list of scales: give one per loaded adapter")
+    # A list of plain numbers inside a list is diffusers' per-image scale for masked prompts.
+    per_adapter = [s if isinstance(s, list) else block_scales(unet, s) for s in specs]
+    adapters = {len(p.scale) if isinstance(p.scale, list) else 1 for p in processors.values()}
+    count = adapters.pop()
+    if len(per_adapter) not in (1, count):
+        raise ValueError(f"{len(per_adapter)} scale specs for {count} loaded adapter(s): give one, or one per adapter")
+    per_adapter = per_adapter * count if len(per_adapter) == 1 else per_adapter
+    for name, p in processors.items():
+        values = [[_number(v, f"masked image {j}") for j, v in enumerate(spec)] if isinstance(spec, list)
+                  else spec[_layer_of(name)] for spec in per_adapter]
+        if isinstance(p.scale, list):
+            p.scale = values
+        elif isinstance(values[0], list):
+            raise TypeError("a list of per-image scales needs diffusers' processors (masked image prompts)")
+        else:
+            p.scale = values[0]
+    return len(processors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +372,7 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_prompt="", scale: float = 1.0,
+def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_prompt="", scale=1.0,
              num_samples: int = 4, seed: int = 0, num_inference_steps: int = 25,
              guidance_scale: float = DEFAULT_GUIDANCE_SCALE, output_type: str = "pil"):
     """Sample `num_samples` images for each image prompt (and/or text), the original's way.
@@ -243,6 +383,7 @@ def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_
         it did in training when the image was dropped (the adapter stays on at `scale`). Use
         scale=0 instead to get the plain backbone back.
     prompt / negative_prompt: a string for all prompts, or a list with one per image.
+    scale: a number, or a dict by block in diffusers' format (`set_scale`, `block_scales`).
     seed: sample k (prompt-major order) starts from the noise of `seed + k` (`sample_generators`).
     Returns `pipe(...).images` (`output_type` "pil", "np" or "pt"), prompt-major order.
     """

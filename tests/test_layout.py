@@ -83,6 +83,8 @@ TRAINING = [
     "train",  # a run's settings and the command line (standard library until checked)
     "trainer",  # the loop of IP-Adapter training
     "bench",  # the benchmarks
+    "ablation",  # the paper's ablations and the course's recipe, measured
+    "blocks",  # which layers matter: per-block scales, adapters in some blocks (notebook 9)
 ]
 
 
