@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import AttnProcessor, IPAttnProcessor
+from .attention import AttnProcessor, ConcatAttnProcessor, IPAttnProcessor
 from .configs import build_unet, load_config
 from .projection import build_image_projection
 from .tables import format_table
@@ -68,8 +68,9 @@ def block_of(name: str) -> str:
 
 def is_ip_processor(processor) -> bool:
     """An image-branch processor: ours, a learner's own (notebook 2: anything with to_k_ip and
-    to_v_ip), or diffusers' IPAdapterAttnProcessor* (what `pipe.load_ip_adapter` installs)."""
-    return (isinstance(processor, IPAttnProcessor) or "IPAdapter" in type(processor).__name__
+    to_v_ip), diffusers' IPAdapterAttnProcessor* (what `pipe.load_ip_adapter` installs), or the
+    ablation's `ConcatAttnProcessor` (it reads the image tokens too, with no weights of its own)."""
+    return (isinstance(processor, (IPAttnProcessor, ConcatAttnProcessor)) or "IPAdapter" in type(processor).__name__
             or (hasattr(processor, "to_k_ip") and hasattr(processor, "to_v_ip")))
 
 
@@ -79,18 +80,44 @@ def ip_processors(unet) -> dict:
     return {name: p for name, p in unet.attn_processors.items() if is_ip_processor(p)}
 
 
-def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0) -> nn.ModuleList:
+# How `to_k_ip` / `to_v_ip` start: the original's copies of to_k / to_v, and two ablations
+# (`python -m ipa_lab.ablation init` measures all three).
+INITS = ("copy", "zeros", "random")
+
+
+def init_ip_branch(processor: nn.Module, layer: nn.Module, init: str = "copy") -> None:
+    """Set one processor's `to_k_ip` / `to_v_ip` in place: "copy" (the original: the weights of
+    the layer's own to_k / to_v, which the paper chose to speed up convergence, section 3.2.2),
+    "zeros" (ControlNet's argument: the branch adds exactly nothing at step 0; but with to_v_ip
+    zero, to_k_ip gets no gradient until to_v_ip has moved) or "random" (nn.Linear's default
+    init, from torch's random stream: seed it first)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    with torch.no_grad():
+        for mine, theirs in ((processor.to_k_ip, layer.to_k), (processor.to_v_ip, layer.to_v)):
+            if init == "copy":
+                mine.weight.copy_(theirs.weight)  # a copy, not a shared tensor: to_k stays frozen
+            elif init == "zeros":
+                mine.weight.zero_()
+            else:
+                mine.reset_parameters()
+
+
+def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0, init: str = "copy") -> nn.ModuleList:
     """Replace every attention processor of `unet`; return them all as `adapter_modules`.
 
     Self-attention (`attn1`) -> `AttnProcessor()` (no weights). Cross-attention (`attn2`) ->
     `IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens)` with to_k_ip/to_v_ip
-    initialised as copies of the layer's to_k/to_v, so the image branch works from step 0.
+    initialised as copies of the layer's to_k/to_v, so the image branch works from step 0
+    (`init`: "copy", the original's; "zeros" and "random" are the ablations of `init_ip_branch`).
     The layer's own weights are not touched. Works on the meta device (no memory used).
 
     The returned ModuleList follows `unet.attn_processors` order (down blocks, up blocks, mid
     block last): index i holds the i-th processor, so cross-attention weights sit at the odd
     indices of the checkpoint (`1.to_k_ip.weight`, `3.to_k_ip.weight`, ...).
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     processors = unet.attn_processors
     already = list(ip_processors(unet))
     if already:
@@ -128,9 +155,8 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0)
         # init would be thrown away by the copy anyway, and on a real SDXL it costs seconds.
         processor = IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens,
                                     device="meta", dtype=to_k.dtype).to_empty(device=to_k.device)
-        with torch.no_grad():
-            processor.to_k_ip.weight.copy_(to_k)  # copies, not shared tensors: to_k stays frozen
-            processor.to_v_ip.weight.copy_(to_v)
+        if to_k.device.type != "meta":  # on meta there are no values to set
+            init_ip_branch(processor, layer, init)
         new_processors[name] = processor
     for name, processor in new_processors.items():
         processor.layer_name = name[: -len(_SUFFIX)]  # lets parameter_table group by block

@@ -12,6 +12,9 @@ UNet's behaviour by swapping processors, without touching any of the layer's wei
 
       Z = Attn(Q, K_text, V_text) + scale * Attn(Q, K_ip, V_ip)
 
+* `ConcatAttnProcessor`: the ablation the paper compares against (its "simple adapter"): the
+  image tokens read by the layer's own to_k/to_v in the same softmax as the text.
+
 Both processors are `nn.Module`s. For `AttnProcessor`, which has no weights, that is only so
 `nn.ModuleList(unet.attn_processors.values())` can hold every processor (diffusers' own
 `AttnProcessor2_0` is a plain class, and that ModuleList raises a TypeError on it); the list
@@ -190,3 +193,48 @@ class IPAttnProcessor(nn.Module):
             image_out = attend(attn, query, self.to_k_ip(image), self.to_v_ip(image))
             out = out + self.scale * image_out
         return _finish(attn, out, residual, shape_4d)
+
+
+class ConcatAttnProcessor(AttnProcessor):
+    """The paper's "simple adapter" (section 4.4): the image tokens join the text tokens in ONE
+    attention, read by the layer's own frozen `to_k`/`to_v`. An ablation, not IP-Adapter.
+
+    The encoder states arrive as for `IPAttnProcessor`, [text tokens; image tokens], and this
+    processor computes plain attention over all of them: softmax(Q [K_text; K_img]^T / sqrt(d))
+    [V_text; V_img], with K_img = to_k(image tokens). It owns no weights, so only the image
+    projection trains. What it lacks is the point of the comparison (`ipa_lab.ablation concat`):
+    the image tokens compete with the text tokens for one softmax, they are read by keys and
+    values learned for text, and there is no clean weight for the image prompt. `scale` is
+    therefore 0 (drop the image tokens: the original layer exactly) or 1 (read them), nothing
+    in between.
+    """
+
+    def __init__(self, num_tokens: int = 4):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.scale = 1.0
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if value not in (0, 1):
+            raise ValueError(f"ConcatAttnProcessor (the simple adapter) has no weight for the image prompt: scale "
+                             f"must be 0 (text only) or 1 (text and image in one softmax), got {value!r}; "
+                             "a scale between them needs the decoupled IPAttnProcessor")
+        self._scale = float(value)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, scale={self.scale}"
+
+    def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """Ordinary attention over [text; image] (scale 1) or over the text alone (scale 0)."""
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= self.num_tokens:
+            raise ValueError(f"ConcatAttnProcessor is a cross-attention processor: it needs encoder_hidden_states "
+                             f"of text tokens followed by {self.num_tokens} image tokens")
+        if self.scale == 0:
+            encoder_hidden_states = encoder_hidden_states[:, : -self.num_tokens]
+        return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -94,14 +94,20 @@ def load_backbone(model: str, device, dtype=torch.float32, image_encoder: str | 
 
     `image_encoder`: the real IP-Adapter keeps its CLIP image encoder apart from SD 1.5
     (`models/image_encoder`); the toy pipeline ships one in `image_encoder/`."""
-    from diffusers import DDPMScheduler
-
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype, image_encoder=image_encoder)
     if pipe.image_encoder is None:
         raise FileNotFoundError(f"{model} has no image_encoder/; pass --image-encoder with a "
                                 "CLIPVisionModelWithProjection folder (IP-Adapter's models/image_encoder)")
+    return backbone_of(pipe)
+
+
+def backbone_of(pipe) -> Backbone:
+    """A loaded pipeline's parts as a frozen `Backbone` (the same modules, not copies: a
+    `Trainer` built on it trains the adapter inside `pipe.unet`, so `pipe` samples with it)."""
+    from diffusers import DDPMScheduler
+
     bb = Backbone(pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.unet, pipe.tokenizer,
                   pipe.feature_extractor, DDPMScheduler.from_config(pipe.scheduler.config))
     freeze(*bb.frozen().values())
