@@ -126,7 +126,7 @@ def moving_average(values, window: int) -> np.ndarray:
 
 
 def loss_curve(steps, losses, window: int | None = None, title: str = "training loss"):
-    """The raw loss (faint) and its moving average (bold) against the step.
+    """The raw loss (faint) and its moving average (bold, from the first full window on) against the step.
 
     The diffusion loss is dominated by the random timestep of each batch, so the raw curve is
     noisy and falls slowly; the average shows the trend. Samples tell more than this curve.
@@ -140,8 +140,8 @@ def loss_curve(steps, losses, window: int | None = None, title: str = "training 
     window = window or max(1, len(losses) // 20)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    if window > 1:
-        ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
+    if 1 < window <= len(losses):  # drawn once a full window is in: its first point is no single batch
+        ax.plot(steps[window - 1:], moving_average(losses, window)[window - 1:], color="tab:blue", linewidth=2,
                 label=f"mean of last {window}")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE (predicted vs true noise)")
