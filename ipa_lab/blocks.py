@@ -152,7 +152,7 @@ def heatmap(pipe, image_proj_model, records, root, n: int = 64, steps: int = STE
 # ---------------------------------------------------------------------------------------------
 # Training only some blocks
 # ---------------------------------------------------------------------------------------------
-def block_configs(best: str = "up_blocks.2") -> dict[str, list[str]]:
+def block_configs(best: str = "up_blocks.1") -> dict[str, list[str]]:
     """The adapters section 2 trains: the image branch in the down blocks only, the mid block only,
     the up blocks only, the best single block of the heat map, and everywhere (the toy's names)."""
     return {"down": ["down_blocks.0", "down_blocks.1"], "mid": ["mid_block"], "up": ["up_blocks.1", "up_blocks.2"],
@@ -367,7 +367,7 @@ def _parse_args(argv=None):
     p.add_argument("--n", type=int, help="validation prompts (default: 64 for heatmap and train, 32 for masks and adapters)")
     p.add_argument("--steps", type=int, default=STEPS, help="DDIM sampling steps")
     p.add_argument("--train-steps", type=int, default=300, help="training steps per configuration (train)")
-    p.add_argument("--best", default="up_blocks.2", help="the heat map's best single block (train)")
+    p.add_argument("--best", default="up_blocks.1", help="the heat map's best single block (train)")
     p.add_argument("--cache-dir", default=str(REPO_ROOT / "runs" / "encoder-cache"), help="encoder cache (train)")
     p.add_argument("--runs", default=str(REPO_ROOT / "runs" / "blocks"), help="where the trained adapters go (train)")
     p.add_argument("--seed", type=int, default=0)

@@ -40,6 +40,7 @@ from .nb04_training_loop import drop_decision, noisy_latents, training_step, tra
 from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
 from .nb06_ip_adapter_plus import perceiver_attention
 from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
+from .nb09_which_layers_matter import only_layers, layers_for
 
 __all__ = [
     "latent_shape", "encoder_hidden_states_shape",
@@ -50,5 +51,6 @@ __all__ = [
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
+    "only_layers", "layers_for",
     "grade", "set_language", "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
 ]
