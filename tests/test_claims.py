@@ -1,0 +1,112 @@
+"""Numbers quoted in the notebooks' prose equal the stored outputs they describe.
+
+Each claim: (notebook whose markdown quotes the number, the number as quoted, the notebook and the id of
+the code cell whose stored output holds it, the value as that output prints it). A quoted number with
+fewer decimals must be the printed value rounded. When a re-recorded output changes a number, this test
+names the notebook, the number and the cell: update the prose (and its Chinese) or the table below.
+CONTRIBUTING.md ("Numbers in the prose") says when to add a row.
+"""
+from __future__ import annotations
+
+import json
+import re
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+CLAIMS = [
+    # notebook 01: the projection's size, toy and SD 1.5
+    ("01_image_projection", "8,576", "01_image_projection", "c22", "8,576"),
+    ("01_image_projection", "3,150,336", "01_image_projection", "c22", "3,150,336"),
+    # notebook 03: the adapter's size by block and on the real models
+    ("03_freeze_and_count", "90,112", "03_freeze_and_count", "c07", "90,112"),
+    ("03_freeze_and_count", "32,768", "03_freeze_and_count", "c07", "32,768"),
+    ("03_freeze_and_count", "12,480", "03_freeze_and_count", "c23", "12,480"),
+    ("03_freeze_and_count", "19,169,280", "03_freeze_and_count", "c25", "19,169,280"),
+    ("03_freeze_and_count", "22,319,616", "03_freeze_and_count", "c25", "22,319,616"),
+    ("03_freeze_and_count", "859,520,964", "03_freeze_and_count", "c25", "859,520,964"),
+    ("03_freeze_and_count", "2.6", "03_freeze_and_count", "c25", "2.6"),
+    ("03_freeze_and_count", "49,087,488", "03_freeze_and_count", "c25", "49,087,488"),
+    ("03_freeze_and_count", "351,285,248", "03_freeze_and_count", "c25", "351,285,248"),
+    ("03_freeze_and_count", "340,787,200", "03_freeze_and_count", "c25", "340,787,200"),
+    ("03_freeze_and_count", "13.7", "03_freeze_and_count", "c25", "13.7"),
+    # notebook 05: Table 1 in miniature (text + image against text only and image only, on shape)
+    ("05_inference", "98,688", "04_training_loop", "cell-36", "98,688"),
+    ("05_inference", "0.81", "05_inference", "cell-28", "0.812"),
+    ("05_inference", "0.88", "05_inference", "cell-28", "0.875"),
+    # notebook 06 quotes notebook 05's "no prompt" row, and its own parameter counts
+    ("06_ip_adapter_plus", "0.19", "05_inference", "cell-28", "0.188"),
+    ("06_ip_adapter_plus", "0.56", "05_inference", "cell-28", "0.562"),
+    ("06_ip_adapter_plus", "0.44", "05_inference", "cell-28", "0.438"),
+    ("06_ip_adapter_plus", "8,576", "06_ip_adapter_plus", "cell-16", "8,576"),
+    ("06_ip_adapter_plus", "19,169,280", "06_ip_adapter_plus", "cell-16", "19,169,280"),
+    ("06_ip_adapter_plus", "29,918,208", "06_ip_adapter_plus", "cell-16", "29,918,208"),
+    ("06_ip_adapter_plus", "49,087,488", "06_ip_adapter_plus", "cell-16", "49,087,488"),
+    # notebook 07: the real sizes and the fixed part of the memory bill
+    ("07_going_real", "22,319,616", "07_going_real", "cell-08", "22,319,616"),
+    ("07_going_real", "98,688", "07_going_real", "cell-08", "98,688"),
+    ("07_going_real", "49,087,488", "07_going_real", "cell-08", "49,087,488"),
+    ("07_going_real", "3.5", "07_going_real", "cell-21", "3.50"),
+    ("07_going_real", "6.7", "07_going_real", "cell-21", "6.66"),
+]
+
+
+def _cells(notebook: str) -> list[dict]:
+    return json.loads((NOTEBOOKS / f"{notebook}.ipynb").read_text())["cells"]
+
+
+def _markdown(notebook: str) -> str:
+    return "\n".join("".join(c["source"]) for c in _cells(notebook) if c["cell_type"] == "markdown")
+
+
+def _output(notebook: str, cell_id: str) -> str | None:
+    """The stored text of a code cell's outputs (streams and text/plain), or None if no such cell."""
+    for c in _cells(notebook):
+        if c.get("id") == cell_id and c["cell_type"] == "code":
+            return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                           for o in c.get("outputs", []))
+    return None
+
+
+def _quoted(number: str, text: str) -> bool:
+    """`number` in `text` as a whole number: not a piece of a longer one (0.81 is not in 0.812)."""
+    return re.search(rf"(?<![\d.,]){re.escape(number)}(?![\d]|[.,]\d)", text) is not None
+
+
+def _rounds_to(printed: str, quoted: str) -> bool:
+    """The printed value, rounded to the quoted number's decimals, is the quoted number."""
+    p, q = Decimal(printed.replace(",", "")), Decimal(quoted.replace(",", ""))
+    return p.quantize(q, rounding=ROUND_HALF_EVEN) == q or p.quantize(q) == q
+
+
+@pytest.mark.parametrize("prose, quoted, notebook, cell_id, printed", CLAIMS,
+                         ids=[f"{c[0][:2]}-{c[1]}-{c[2][:2]}:{c[3]}" for c in CLAIMS])
+def test_a_quoted_number_is_the_stored_output(prose, quoted, notebook, cell_id, printed):
+    assert _quoted(quoted, _markdown(prose)), (
+        f"notebook {prose}: no markdown cell quotes {quoted} any more; remove its row from tests/test_claims.py "
+        "or put the number back")
+    output = _output(notebook, cell_id)
+    assert output is not None, f"notebook {notebook} has no code cell {cell_id!r} (the source of {quoted} in {prose})"
+    assert _quoted(printed, output), (
+        f"notebook {prose} quotes {quoted}, but the stored output of cell {cell_id!r} of {notebook} no longer "
+        f"prints {printed}: re-read the output and fix the prose (and docs/zh-CN) or this row")
+    assert _rounds_to(printed, quoted), f"notebook {prose} quotes {quoted} for {printed} (cell {cell_id!r} of {notebook})"
+
+
+def test_the_readme_counts_each_notebooks_exercises():
+    """README's exercise counts (both editions) are the notebooks' checked exercises."""
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    counts = {}
+    for path in sorted(NOTEBOOKS.glob("0*.ipynb")):
+        graded = set(re.findall(r'checks\.grade\(\\?"(\w+)', path.read_text()))
+        counts.setdefault(len(graded), []).append(str(int(path.name[:2])))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for n, numbers in counts.items():
+        listed = numbers[0] if len(numbers) == 1 else ", ".join(numbers[:-1]) + " and " + numbers[-1]
+        noun = "notebook" if len(numbers) == 1 else "notebooks"
+        assert f"{words[n]} in {noun} {listed}" in readme, (
+            f"README.md: notebooks {listed} have {n} exercises each; the Exercises paragraph says otherwise")
