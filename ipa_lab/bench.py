@@ -229,6 +229,68 @@ def cache_scale(args) -> None:
         print(json.dumps(r), file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- activation memory
+def _storage_key(t: torch.Tensor):
+    return t.device.type, t.untyped_storage()._cdata
+
+
+def saved_tensor_bytes(fn, model: torch.nn.Module | None = None) -> int:
+    """Run `fn()` and return the bytes of every tensor autograd saves for the backward pass.
+
+    A `saved_tensors_hooks` pack hook sees each tensor an operation keeps; tensors that share a
+    storage (views, one input saved by several layers) are counted once, by their storage. A layer
+    also saves its weight (to pass the gradient on to its input), which is in memory anyway: the
+    parameters of `model` are not counted. On the meta device nothing is allocated, so a model of
+    any size is counted in a second."""
+    weights = {_storage_key(p) for p in model.parameters()} if model is not None else set()
+    storages: dict = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in weights:
+            storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def activation_bytes(unet_config: str = "sd15_unet", batch: int = 8, resolution: int = 512, text_tokens: int = 77,
+                     num_tokens: int = 4, dtype=torch.float32, device="meta", seed: int = 0) -> int:
+    """The activation memory of one IP-Adapter training step: what the UNet's forward pass keeps
+    for backward, counted by running it (`saved_tensor_bytes`) on the meta device (no memory).
+
+    The gradient must reach every `to_k_ip` / `to_v_ip` and the image tokens, so every layer from
+    the first cross-attention on keeps its inputs. The count grows linearly with `batch`, and with
+    the latent pixels ((resolution / 8) ** 2) except for the self-attention probabilities, which
+    grow with their square. Attention is counted as PyTorch's reference (math) attention keeps it,
+    the probabilities included; fused kernels (flash / memory-efficient, the default on a GPU) keep
+    only a log-sum-exp instead, so on a GPU this is an upper bound. `dtype`: the activations'
+    storage (under bf16 autocast most are bf16, the norms stay fp32: between the fp32 and the bf16
+    counts). `device="cpu"` runs it for real (the check against a measured step)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .adapter import freeze, install_ip_adapter
+    from .configs import build_unet
+
+    quiet()  # (diffusers warns about any cast of a model built from a config)
+    torch.manual_seed(seed)
+    unet = build_unet(unet_config, device=device)
+    freeze(unet)
+    with torch.device(device):
+        install_ip_adapter(unet, num_tokens=num_tokens)
+    unet.to(dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    side, dim = resolution // 8, unet.config.cross_attention_dim
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    latents, text = make(batch, unet.config.in_channels, side, side), make(batch, text_tokens, dim)
+    image_tokens = make(batch, num_tokens, dim).requires_grad_(True)  # the projection's output trains too
+    timesteps = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    with sdpa_kernel(SDPBackend.MATH):
+        return saved_tensor_bytes(lambda: unet(latents, timesteps, torch.cat([text, image_tokens], 1)).sample, unet)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ipa_lab.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="data/toy-sd")
