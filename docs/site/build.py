@@ -82,12 +82,12 @@ TEXT = {
             "不需要下载任何东西），先安装课程，再打开笔记本："
         ),
         "run_student": (
-            "自己做练习：打开学生版 **`{student}`**，其中每个答案都是 `raise NotImplementedError`，"
+            "自己做练习：打开学生版 **`{student}`**{student_note}，其中每个答案都是 `raise NotImplementedError`，"
             "每个练习后面的单元格会检查你的答案。运行全部测试（单元测试，然后重新运行每个笔记本并与保存的输出比较）："
         ),
         "ex_title": "练习：`{gid}`",
         "ex_body": (
-            "请先在学生版 `{student}` 中自己完成：那里这个单元格的答案是"
+            "请先在学生版 `{student}`{student_note}中自己完成：那里这个单元格的答案是"
             " `raise NotImplementedError(\"your code here\")`。参考答案折叠在下面；它的输出是检查器的结论。"
         ),
         "show": "显示参考答案",
@@ -102,7 +102,7 @@ TEXT = {
     },
 }
 # The Chinese book's captions in the navigation (the English ones are _toc.yml's).
-CAPTIONS_ZH = {"Lessons": "课程", "For teachers": "教师", "The package's source": "源代码"}
+CAPTIONS_ZH = {"Lessons": "课程", "For teachers": "给教师", "The package's source": "源代码"}
 
 
 # --- what lives where -------------------------------------------------------------------------
@@ -114,15 +114,20 @@ def readme_commands() -> tuple[str, str]:
     return next(c for c in cmds if "jupyter lab" in c), next(c for c in cmds if "pytest" in c)
 
 
-def readme_results() -> str:
-    """The README's measured results (its first table and the paragraph after it), not retyped."""
-    text = (ROOT / "README.md").read_text()
-    section = re.search(r"^## What you will see it do.*?$(.*?)^## ", text, re.S | re.M)
+RESULTS = {"en": ("README.md", "## What you will see it do"), "zh-CN": ("README.zh-CN.md", "## 你会看到它做到什么")}
+
+
+def readme_results(lang: str = "en") -> str:
+    """The README's measured results (its first table and the paragraph after it), not retyped;
+    for the Chinese book, README.zh-CN.md's."""
+    name, heading = RESULTS[lang]
+    text = (ROOT / name).read_text(encoding="utf-8")
+    section = re.search(rf"^{re.escape(heading)}.*?$(.*?)^## ", text, re.S | re.M)
     if not section:
-        raise SystemExit("build.py: README.md has no '## What you will see it do' section to quote")
+        raise SystemExit(f"build.py: {name} has no '{heading}' section to quote")
     table = re.search(r"(^\|.*?\n)(?!\|)(.*?)\n\n", section.group(1), re.S | re.M)
     if not table:
-        raise SystemExit("build.py: README.md's results section has no table")
+        raise SystemExit(f"build.py: {name}'s results section has no table")
     return table.group(1) + "\n" + table.group(2).strip() + "\n"
 
 
@@ -236,8 +241,13 @@ def run_box(lang: str, nb: Path, start: str, test: str) -> str:
     return (
         f":::{{admonition}} {t['run_title']}\n:class: tip ipa-run\n\n"
         f"{t['run_body'].format(nb=rel)}\n\n```bash\n{start}\n```\n\n"
-        f"{t['run_student'].format(student=student)}\n\n```bash\n{test}\n```\n:::\n"
+        f"{t['run_student'].format(student=student, student_note=student_note(lang, student))}\n\n```bash\n{test}\n```\n:::\n"
     )
+
+
+def student_note(lang: str, student: str) -> str:
+    """The Chinese book points to the English student copy while there is no Chinese one: say so."""
+    return "（英文版）" if lang != "en" and not student.startswith(f"notebooks/{lang}/") else ""
 
 
 def student_copy(lang: str, nb: Path) -> str:
@@ -261,7 +271,7 @@ def stage_notebook(src: Path, dst: Path, lang: str, links: Links, start: str, te
             gid = meta.get("nbgrader", {}).get("grade_id", "exercise")
             cells.append(_md(
                 f":::{{admonition}} {t['ex_title'].format(gid=gid)}\n:class: important ipa-exercise\n\n"
-                f"{t['ex_body'].format(student=student_copy(lang, src))}\n:::\n"
+                f"{t['ex_body'].format(student=student_copy(lang, src), student_note=student_note(lang, student_copy(lang, src)))}\n:::\n"
             ))
             meta["tags"] = sorted(set(meta.get("tags", [])) | {"hide-input"})
             meta["mystnb"] = {"code_prompt_show": t["show"], "code_prompt_hide": t["hide"]}
@@ -310,7 +320,7 @@ def stage(lang: str, langs: list[str], src_root: Path, zh_dir: Path | None) -> N
     (src_root / "source" / "index.md").write_text(f"# {title}\n\n{intro}\n\n" + "\n".join(listing) + "\n")
 
     landing = (HERE / ("index.md" if lang == "en" else f"index.{lang}.md")).read_text()
-    landing = landing.replace("{{README_RESULTS}}", readme_results())
+    landing = landing.replace("{{README_RESULTS}}", readme_results(lang))
     landing = landing.replace("{{START_COMMAND}}", start).replace("{{TEST_COMMAND}}", test)
     (src_root / "index.md").write_text(links.rewrite(landing, "docs/site/index.md", "index"))
 
@@ -331,8 +341,14 @@ def stage(lang: str, langs: list[str], src_root: Path, zh_dir: Path | None) -> N
 
     shutil.copytree(HERE / "_static", src_root / "_static")
     switch = "" if len(langs) == 1 else ("zh-CN/|中文" if lang == "en" else "../|English")
+    other = OTHER[lang]
+    # The other book's pages: the switch leads to its landing page from a page it lacks (a lesson not
+    # translated yet), not to a 404.
+    other_pages = sorted({"index", "search", "genindex", "source/index"} | {nb.stem for nb in lessons(other, zh_dir)}
+                         | set(doc_pages(other)) | {source_page(p) for p in source_files()})
     js = (src_root / "_static" / "ipa-site.js")
-    js.write_text(js.read_text().replace("__OTHER_BOOK__", switch))
+    js.write_text(js.read_text().replace("__OTHER_BOOK__", switch)
+                  .replace('["__OTHER_PAGES__"]', json.dumps(other_pages, ensure_ascii=False)))
 
 
 def _exists(src_root: Path, name: str) -> bool:
@@ -348,6 +364,8 @@ def build_book(src_root: Path, out: Path) -> None:
     # console error) and names a CDN; the site has no live kernels, so it goes.
     with (src_root / "conf.py").open("a") as conf:
         conf.write('\nextensions = [e for e in extensions if e != "sphinx_thebe"]\n')
+        # Chinese words in the search index without jieba (docs/site/_ext/ipa_search_zh.py).
+        conf.write(f"\nimport sys\nsys.path.insert(0, {str(HERE / '_ext')!r})\nextensions.append('ipa_search_zh')\n")
     shutil.rmtree(out, ignore_errors=True)
     log = src_root / "sphinx-warnings.log"
     subprocess.run(

@@ -6,10 +6,12 @@
   const spec = "__OTHER_BOOK__";
   if (!spec.includes("|")) return;
   const [otherRoot, label] = spec.split("|");
+  const otherPages = new Set(["__OTHER_PAGES__"]);  // the other book's pages, without .html
   function addSwitch() {
     // Sphinx writes the path from this page to the book's root into <html data-content_root>.
     const root = new URL(document.documentElement.dataset.content_root || "./", location.href);
-    const page = location.pathname.slice(root.pathname.length) || "index.html";
+    let page = location.pathname.slice(root.pathname.length) || "index.html";
+    if (!otherPages.has(page.replace(/\.html$/, ""))) page = "index.html";  // not in the other book (yet)
     const link = document.createElement("a");
     link.className = "btn ipa-lang-switch";
     link.href = new URL(otherRoot + page + location.search, root).href;
