@@ -86,7 +86,7 @@ def test_stored_notebooks_are_quiet_and_portable():
 
     leaks = re.compile(r"/(?:home|tmp|work|Users)/|0x[0-9a-f]{6,}|\bcuda\b|NVIDIA|\bit/s\b|Warning\b|\d+(?:\.\d+)? ?(?:s|ms) elapsed")
     notebooks = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
-    assert len(notebooks) == 8
+    assert len(notebooks) >= 8
     for path in notebooks:
         nb = json.loads(path.read_text())
         assert set(nb["metadata"]) <= {"kernelspec", "language_info"}, f"{path.name}: {set(nb['metadata'])}"

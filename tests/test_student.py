@@ -30,7 +30,7 @@ def test_outputs_and_counts_are_cleared():
 
 def test_every_notebook_has_checked_exercises_and_no_solution_leaks():
     copies = student_copies()
-    assert len(copies) == 8
+    assert len(copies) == len(list(NOTEBOOKS.glob("[0-9]*.ipynb"))) >= 8  # one per notebook
     for path, text in copies.items():
         solution = json.loads((NOTEBOOKS / path.name).read_text())
         sources = ["".join(c["source"]) for c in solution["cells"] if c["cell_type"] == "code"]
