@@ -34,7 +34,11 @@ CLAIMS = [
     ("03_freeze_and_count", "351,285,248", "03_freeze_and_count", "c25", "351,285,248"),
     ("03_freeze_and_count", "340,787,200", "03_freeze_and_count", "c25", "340,787,200"),
     ("03_freeze_and_count", "13.7", "03_freeze_and_count", "c25", "13.7"),
-    # notebook 04: the fixed validation loss (shipped adapter; yours as the CPU stored it) and what 40 steps taught
+    # notebook 04: the recipe experiment (data/ablations/recipe.csv), the fixed validation loss (shipped adapter; yours as the CPU stored it) and what 40 steps taught
+    ("04_training_loop", "67", "04_training_loop", "650c9b95", "67"),
+    ("04_training_loop", "233", "04_training_loop", "650c9b95", "233"),
+    ("04_training_loop", "343", "04_training_loop", "650c9b95", "343"),
+    ("04_training_loop", "0.23", "04_training_loop", "650c9b95", "0.23"),
     ("04_training_loop", "0.230", "04_training_loop", "bbad6170", "0.230"),
     ("04_training_loop", "0.236", "04_training_loop", "bbad6170", "0.236"),
     ("04_training_loop", "0.258", "04_training_loop", "bbad6170", "0.258"),
