@@ -140,17 +140,29 @@ def test_each_glossary_term_is_used_in_the_notebook_it_links_to():
     assert not unused, f"glossary terms not found in the Chinese text of the notebook they link to: {unused}"
 
 
-def test_no_line_break_between_two_chinese_characters():
-    """Markdown renders a line break inside a paragraph as a space: a stray gap in Chinese text."""
-    cjk = re.compile(r"[\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]")
-    found = []
-    for notebook in NOTEBOOKS:
-        for entry in translate.load(notebook).values():
-            lines = entry.text.split("\n")
-            for a, b in zip(lines, lines[1:]):
-                rest = b.lstrip()
-                if a and rest and cjk.match(a[-1]) and cjk.match(rest[0]):
-                    found.append(f"{notebook.stem}, cell {entry.cell_id}: {a[-10:]!r} / {rest[:10]!r}")
+def _stray_breaks(text: str) -> list[str]:
+    """Line breaks inside a paragraph that a browser renders as a space in Chinese text: after Chinese
+    punctuation, or between two Chinese characters (a new list item, heading, table row or fence is fine)."""
+    han, punct = re.compile(r"[\u4e00-\u9fff]"), re.compile(r"[\u3000-\u303f\uff00-\uffef]")
+    block = re.compile(r"([-*+]\s|\d+\.\s|#|\||>|<!--|\$\$|```)")
+    found, fence = [], False
+    lines = text.split("\n")
+    for a, b in zip(lines, lines[1:]):
+        if a.strip().startswith("```"):
+            fence = not fence
+        rest = b.lstrip()
+        if fence or not a.strip() or not rest or block.match(rest) or re.match(r"(#|\||<!--|\$\$|```)", a.lstrip()):
+            continue
+        if punct.match(a[-1]) or (han.match(a[-1]) and (han.match(rest[0]) or punct.match(rest[0]))):
+            found.append(f"{a[-10:]!r} / {rest[:10]!r}")
+    return found
+
+
+def test_no_line_break_that_renders_as_a_stray_space():
+    """Markdown renders a line break inside a paragraph as a space: a gap in Chinese text."""
+    found = [f"{notebook.stem}, cell {entry.cell_id}: {gap}" for notebook in NOTEBOOKS
+             for entry in translate.load(notebook).values() for gap in _stray_breaks(entry.text)]
+    found += [f"README.zh-CN.md: {gap}" for gap in _stray_breaks((translate.ROOT / "README.zh-CN.md").read_text(encoding="utf-8"))]
     assert not found, found
 
 
