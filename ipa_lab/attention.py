@@ -12,6 +12,8 @@ UNet's behaviour by swapping processors, without touching any of the layer's wei
 
       Z = Attn(Q, K_text, V_text) + scale * Attn(Q, K_ip, V_ip)
 
+* `record_image_attention`: a context manager that records, in every `IPAttnProcessor`, where
+  the image tokens are read (the image branch's softmax, averaged over the heads).
 * `ConcatAttnProcessor`: the ablation the paper compares against (its "simple adapter"): the
   image tokens read by the layer's own to_k/to_v in the same softmax as the text.
 
@@ -21,6 +23,8 @@ Both processors are `nn.Module`s. For `AttnProcessor`, which has no weights, tha
 then carries the `IPAttnProcessor` weights into the optimizer and into the checkpoint.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -238,3 +242,49 @@ class ConcatAttnProcessor(AttnProcessor):
         if self.scale == 0:
             encoder_hidden_states = encoder_hidden_states[:, : -self.num_tokens]
         return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+@contextmanager
+def record_image_attention(unet):
+    """Record the image branch's attention probabilities in every `IPAttnProcessor` of `unet`.
+
+    Yields a dict, layer name (as in `unet.attn_processors`) -> list with one tensor per call of
+    that layer (one per denoising step in a sampling loop), each of shape (batch, queries,
+    image tokens): softmax(Q K_ip^T / sqrt(head_dim)) averaged over the heads, so every row sums
+    to 1. A query is one position of the layer's feature map (queries = side * side), so a
+    token's column, reshaped to (side, side), shows where in the picture that token is read.
+    With classifier-free guidance the batch holds the unconditional half first.
+
+    It works by forward hooks (our processors are `nn.Module`s) that recompute the probabilities
+    from the call's arguments; the processors and their outputs are unchanged, and the hooks are
+    removed on exit.
+    """
+    maps: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name):
+        def record(processor, args, kwargs, output):
+            # IPAttnProcessor.__call__ passes (attn, hidden_states, encoder_hidden_states, mask, temb)
+            attn, hidden_states, encoder_hidden_states, _, temb = (list(args) + [None] * 5)[:5]
+            _, image = processor.split_tokens(encoder_hidden_states)
+            hidden_states, _, _ = _begin(attn, hidden_states, temb)
+            query, key = attn.to_q(hidden_states), processor.to_k_ip(image)
+            batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
+            q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            if getattr(attn, "norm_q", None) is not None:  # as in `attend`
+                q = attn.norm_q(q)
+            if getattr(attn, "norm_k", None) is not None:
+                k = attn.norm_k(k)
+            probabilities = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)
+            maps.setdefault(name, []).append(probabilities.mean(dim=1).detach().float())
+        return record
+
+    handles = [p.register_forward_hook(hook(name), with_kwargs=True)
+               for name, p in unet.attn_processors.items() if isinstance(p, IPAttnProcessor)]
+    if not handles:
+        raise ValueError("record_image_attention: this UNet has no IPAttnProcessor; install or load an adapter first")
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -2,7 +2,7 @@
 
 The classifier reads colour, shape, position and size from pixels alone (no learned model), so
 "the adapter carried the colour of the prompt" becomes a number anyone can check by hand:
-- foreground = pixels far from the plain background;
+- foreground = pixels far from the plain background (`foreground`);
 - colour   = nearest palette colour to the median of the clearly coloured pixels;
 - position = quadrant of the foreground's centre of mass;
 - size     = foreground area against the midpoint of the small and large areas;
@@ -26,6 +26,7 @@ from .data import BACKGROUND, COLOURS, SIZES
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
+_FOREGROUND = 60.0  # RGB distance from the background above which a pixel belongs to the shape
 _FILL = {"circle": np.pi / 4, "square": 0.85**2, "triangle": 0.5}  # area / extent**2, as drawn
 
 
@@ -44,6 +45,17 @@ def _as_array(image) -> np.ndarray:
     return a
 
 
+def _background_distance(a: np.ndarray) -> np.ndarray:
+    """(H,W,3) float pixels -> (H,W): each pixel's RGB distance from the plain background."""
+    return np.linalg.norm(a - np.array(BACKGROUND, dtype=np.float32), axis=2)
+
+
+def foreground(image) -> np.ndarray:
+    """The shape's pixels: an (H, W) bool mask, True where a pixel is far (> 60 in RGB units)
+    from the plain background. The mask `classify` reads position, size and shape from."""
+    return _background_distance(_as_array(image)) > _FOREGROUND
+
+
 def classify(image) -> dict:
     """Name the colour, shape, position and size of the one shape in `image`.
 
@@ -51,8 +63,8 @@ def classify(image) -> dict:
     """
     a = _as_array(image)
     h, w, _ = a.shape
-    dist = np.linalg.norm(a - np.array(BACKGROUND, dtype=np.float32), axis=2)
-    mask = dist > 60
+    dist = _background_distance(a)
+    mask = dist > _FOREGROUND
     if mask.sum() < 4:
         return {"colour": None, "shape": None, "position": None, "size": None}
     core = dist > 0.6 * dist.max()

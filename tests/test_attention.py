@@ -137,3 +137,30 @@ def test_forward_hooks_see_processor_calls():
     with torch.no_grad():
         attn(torch.randn(1, 5, 32), encoder_hidden_states=torch.randn(1, 11, CROSS_DIM))
     assert seen == [torch.Size([1, 5, 32])]
+
+
+def test_record_image_attention_records_the_image_softmax():
+    """record_image_attention: one (batch, queries, image tokens) map per call, the image branch's
+    softmax averaged over the heads; the layer's output is unchanged and the hooks go on exit."""
+    from types import SimpleNamespace
+
+    from ipa_lab.attention import record_image_attention
+
+    attn, ours, _ = ip_pair()
+    attn.set_processor(ours)
+    x, states = torch.randn(1, 5, 32), torch.randn(1, 11, CROSS_DIM)
+    with torch.no_grad():
+        before = attn(x, encoder_hidden_states=states)
+        with record_image_attention(SimpleNamespace(attn_processors={"attn2.processor": ours})) as maps:
+            during = attn(x, encoder_hidden_states=states)
+        attn(x, encoder_hidden_states=states)  # after exit: not recorded
+        q = attn.to_q(x).view(1, 5, 4, 8).transpose(1, 2)
+        k = ours.to_k_ip(states[:, -4:]).view(1, 4, 4, 8).transpose(1, 2)
+        expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1).mean(1)
+    assert torch.equal(before, during)
+    assert list(maps) == ["attn2.processor"] and len(maps["attn2.processor"]) == 1
+    assert torch.allclose(maps["attn2.processor"][0], expected, atol=1e-6)
+    assert torch.allclose(expected.sum(-1), torch.ones(1, 5))
+    with pytest.raises(ValueError, match="no IPAttnProcessor"):
+        with record_image_attention(SimpleNamespace(attn_processors={})):
+            pass

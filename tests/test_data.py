@@ -9,7 +9,7 @@ from PIL import Image
 
 from ipa_lab.data import (COLOURS, SHAPES, IPAdapterDataset, ShapeSpec, load_rgb, make_shapes_dataset, parse_caption,
                           read_records, render_shape, to_unet_pixels)
-from ipa_lab.metrics import classify
+from ipa_lab.metrics import classify, foreground
 from ipa_lab.pipeline import REPO_ROOT
 from ipa_lab.pretrain import image_processor
 from ipa_lab.tokenizer import caption_words
@@ -38,6 +38,13 @@ def test_captions_round_trip_and_the_classifier_reads_them():
     assert classify(render_shape(spec)) == spec.as_dict()
     with pytest.raises(ValueError, match="not a shapes caption"):
         parse_caption("a big orange star")
+
+
+def test_foreground_is_the_shapes_pixels():
+    """foreground: True on the drawn shape, False on the plain background (the mask classify reads)."""
+    mask = foreground(render_shape(ShapeSpec("red", "square", "top left", "large")))
+    h, w = mask.shape
+    assert mask[: h // 2, : w // 2].any() and not mask[h // 2 + 2:, w // 2 + 2:].any()
 
 
 def test_dataset_items(tmp_path):
