@@ -56,6 +56,9 @@ CLAIMS = [
     ("05_inference", "98,688", "04_training_loop", "cell-36", "98,688"),
     ("05_inference", "0.81", "05_inference", "cell-28", "0.812"),
     ("05_inference", "0.88", "05_inference", "cell-28", "0.875"),
+    # notebook 05: where the trained image tokens look (attention on the shape vs the shape's share, map spread)
+    ("05_inference", "0.14", "05_inference", "cell-attn", "0.14"),
+    ("05_inference", "2.2", "05_inference", "cell-attn", "2.2"),
     # notebook 06: its parameter counts
     ("06_ip_adapter_plus", "8,576", "06_ip_adapter_plus", "cell-16", "8,576"),
     ("06_ip_adapter_plus", "19,169,280", "06_ip_adapter_plus", "cell-16", "19,169,280"),
@@ -67,6 +70,17 @@ CLAIMS = [
     ("07_going_real", "49,087,488", "07_going_real", "cell-08", "49,087,488"),
     ("07_going_real", "3.5", "07_going_real", "cell-21", "3.50"),
     ("07_going_real", "6.7", "07_going_real", "cell-21", "6.66"),
+    # notebook 07: the activations, counted (toy against a measured step; SD 1.5 at 512 px, batch 8)
+    ("07_going_real", "1.000", "07_going_real", "activations-toy", "1.000"),
+    ("07_going_real", "20", "07_going_real", "activations-toy", "20"),
+    ("07_going_real", "1.126", "07_going_real", "activations-toy", "1.126"),
+    ("07_going_real", "21.8", "07_going_real", "activations-sd15", "21.8"),
+    ("07_going_real", "28.5", "07_going_real", "activations-sd15", "28.5"),
+    ("07_going_real", "77", "07_going_real", "activations-sd15", "77"),
+    ("07_going_real", "35.2", "07_going_real", "activations-sd15", "35.2"),
+    ("07_going_real", "30.7", "07_going_real", "activations-sd15", "30.7"),
+    ("07_going_real", "13.3", "07_going_real", "activations-sd15", "13.3"),
+    ("07_going_real", "19.8", "07_going_real", "activations-sd15", "19.8"),
 ]
 
 
