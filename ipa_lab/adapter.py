@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import AttnProcessor, ConcatAttnProcessor, IPAttnProcessor
+from .attention_faceid import LoRAAttnProcessor, LoRAIPAttnProcessor
 from .configs import build_unet, load_config
 from .projection import build_image_projection
 from .tables import format_table
@@ -103,7 +104,8 @@ def init_ip_branch(processor: nn.Module, layer: nn.Module, init: str = "copy") -
                 mine.reset_parameters()
 
 
-def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0, init: str = "copy") -> nn.ModuleList:
+def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0, init: str = "copy",
+                       lora_rank: int | None = None) -> nn.ModuleList:
     """Replace every attention processor of `unet`; return them all as `adapter_modules`.
 
     Self-attention (`attn1`) -> `AttnProcessor()` (no weights). Cross-attention (`attn2`) ->
@@ -112,12 +114,18 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0,
     (`init`: "copy", the original's; "zeros" and "random" are the ablations of `init_ip_branch`).
     The layer's own weights are not touched. Works on the meta device (no memory used).
 
+    `lora_rank` (FaceID, notebook 8): self-attention gets a `LoRAAttnProcessor` and cross-attention
+    a `LoRAIPAttnProcessor`, each with a rank-`lora_rank` update of to_q/to_k/to_v/to_out that
+    starts at zero: the self-attention processors then hold parameters too, and train.
+
     The returned ModuleList follows `unet.attn_processors` order (down blocks, up blocks, mid
     block last): index i holds the i-th processor, so cross-attention weights sit at the odd
     indices of the checkpoint (`1.to_k_ip.weight`, `3.to_k_ip.weight`, ...).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if lora_rank is not None and not (isinstance(lora_rank, int) and lora_rank > 0):
+        raise ValueError(f"lora_rank must be a positive integer (the original FaceID uses 128) or None, got {lora_rank!r}")
     processors = unet.attn_processors
     already = list(ip_processors(unet))
     if already:
@@ -142,7 +150,9 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0,
     for name in processors:
         layer = layers[name[: -len(_SUFFIX)]]
         if not (name.endswith("attn2" + _SUFFIX) and getattr(layer, "is_cross_attention", True)):
-            new_processors[name] = AttnProcessor()
+            new_processors[name] = AttnProcessor() if lora_rank is None else LoRAAttnProcessor(
+                hidden_size_of(name, unet.config), None, lora_rank, device=layer.to_q.weight.device,
+                dtype=layer.to_q.weight.dtype)
             continue
         hidden_size = hidden_size_of(name, unet.config)
         to_k, to_v = layer.to_k.weight, layer.to_v.weight
@@ -153,8 +163,12 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, scale: float = 1.0,
             )
         # Build without initialising (meta), then allocate where the layer lives: the random
         # init would be thrown away by the copy anyway, and on a real SDXL it costs seconds.
-        processor = IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens,
-                                    device="meta", dtype=to_k.dtype).to_empty(device=to_k.device)
+        if lora_rank is None:
+            processor = IPAttnProcessor(hidden_size, cross_attention_dim, scale, num_tokens,
+                                        device="meta", dtype=to_k.dtype).to_empty(device=to_k.device)
+        else:  # built where the layer lives: the LoRA's own init (down random, up zero) is kept
+            processor = LoRAIPAttnProcessor(hidden_size, cross_attention_dim, lora_rank, scale=scale,
+                                            num_tokens=num_tokens, device=to_k.device, dtype=to_k.dtype)
         if to_k.device.type != "meta":  # on meta there are no values to set
             init_ip_branch(processor, layer, init)
         new_processors[name] = processor

@@ -53,9 +53,13 @@ def _begin(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None):
     return hidden_states, residual, shape_4d
 
 
-def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape_4d) -> torch.Tensor:
-    """Output projection and dropout, back to 4-D if needed, optional residual and rescale."""
-    hidden_states = attn.to_out[0](hidden_states)  # linear
+def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape_4d,
+            to_out_update: torch.Tensor | None = None) -> torch.Tensor:
+    """Output projection and dropout, back to 4-D if needed, optional residual and rescale.
+
+    `to_out_update`: added to the output projection's result (FaceID's LoRA on to_out)."""
+    projected = attn.to_out[0](hidden_states)  # linear
+    hidden_states = projected if to_out_update is None else projected + to_out_update
     hidden_states = attn.to_out[1](hidden_states)  # dropout
     if shape_4d is not None:
         hidden_states = hidden_states.transpose(-1, -2).reshape(shape_4d)
@@ -151,6 +155,10 @@ class IPAttnProcessor(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_tokens={self.num_tokens}, scale={self.scale}"
 
+    def query(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer's queries, shared by the text and the image branch (FaceID adds its LoRA here)."""
+        return attn.to_q(hidden_states)
+
     def split_tokens(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut [text tokens; image tokens] at L - num_tokens into (text, image)."""
         if encoder_hidden_states is None:
@@ -188,7 +196,7 @@ class IPAttnProcessor(nn.Module):
         # A mask, if any, covers the text keys; the image tokens are always all visible.
         mask = _mask_for_sdpa(attn, attention_mask, text.shape[1], text.shape[0])
 
-        query = attn.to_q(hidden_states)  # one query, shared by both branches
+        query = self.query(attn, hidden_states)  # one query, shared by both branches
         if attn.norm_cross:  # the layer's own norm was made for text states: text only
             text = attn.norm_encoder_hidden_states(text)
         out = attend(attn, query, attn.to_k(text), attn.to_v(text), mask)
@@ -267,7 +275,7 @@ def record_image_attention(unet):
             attn, hidden_states, encoder_hidden_states, _, temb = (list(args) + [None] * 5)[:5]
             _, image = processor.split_tokens(encoder_hidden_states)
             hidden_states, _, _ = _begin(attn, hidden_states, temb)
-            query, key = attn.to_q(hidden_states), processor.to_k_ip(image)
+            query, key = processor.query(attn, hidden_states), processor.to_k_ip(image)
             batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
             q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)

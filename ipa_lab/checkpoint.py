@@ -533,6 +533,8 @@ def image_proj_from_state_dict(state_dict: Mapping[str, torch.Tensor], dim_head:
     Base IP-Adapter (`proj.weight` present) -> `ImageProjModel`:
         norm.weight (dim,)                      -> cross_attention_dim = dim
         proj.weight (tokens * dim, clip_dim)    -> clip_embeddings_dim, tokens = rows // dim
+    FaceID (`proj.0.weight`, `proj.2.weight`, `norm.weight`) -> `ipa_lab.faceid.MLPProjModel`:
+        proj.0.weight (2 id, id), proj.2.weight (tokens * dim, 2 id), norm.weight (dim,).
     IP-Adapter Plus (`latents` present) -> `Resampler`:
         latents (1, num_queries, dim), proj_in.weight (dim, embedding_dim),
         proj_out.weight (output_dim, dim), layers.{i}.* -> depth,
@@ -559,6 +561,17 @@ def image_proj_from_state_dict(state_dict: Mapping[str, torch.Tensor], dim_head:
                 "(norm.weight): it cannot be cut into tokens")
         model = ImageProjModel(cross_attention_dim=dim, clip_embeddings_dim=clip_dim,
                                clip_extra_context_tokens=rows // dim)
+    elif {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(sd):  # FaceID's MLPProjModel
+        from .faceid import MLPProjModel as FaceIDProjModel
+
+        dim = sd["norm.weight"].shape[0]
+        hidden, id_dim = sd["proj.0.weight"].shape
+        rows = sd["proj.2.weight"].shape[0]
+        if hidden != 2 * id_dim or rows % dim:
+            raise CheckpointMismatchError(
+                f"image_proj looks like FaceID's MLPProjModel, but proj.0.weight is {hidden} x {id_dim} (expected "
+                f"{2 * id_dim} x {id_dim}) and proj.2.weight has {rows} rows (expected a multiple of {dim})")
+        model = FaceIDProjModel(cross_attention_dim=dim, id_embeddings_dim=id_dim, num_tokens=rows // dim)
     elif "latents" in sd:
         for key in ("proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"):
             if key not in sd:
@@ -581,8 +594,8 @@ def image_proj_from_state_dict(state_dict: Mapping[str, torch.Tensor], dim_head:
                           ff_mult=sd["layers.0.1.1.weight"].shape[0] / dim)
     else:
         raise CheckpointMismatchError(
-            "cannot tell the image projection from its keys: expected 'proj.weight' (ImageProjModel) "
-            f"or 'latents' (Resampler), got {sorted(sd)[:6]}")
+            "cannot tell the image projection from its keys: expected 'proj.weight' (ImageProjModel), "
+            f"'latents' (Resampler) or 'proj.0.weight' + 'norm.weight' (FaceID's MLPProjModel), got {sorted(sd)[:6]}")
     first = next(iter(sd.values()))
     model.to(dtype=first.dtype)
     parts = {"image_proj": (model, sd)}

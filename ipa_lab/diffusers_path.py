@@ -25,6 +25,11 @@ def _is_plus_checkpoint(state) -> bool:
     return "latents" in state["image_proj"]
 
 
+def _has_lora(state) -> bool:
+    """A FaceID checkpoint: its processors carry LoRA weights (`{i}.to_q_lora.down.weight`)."""
+    return any(key.endswith(".to_q_lora.down.weight") for key in state["ip_adapter"])
+
+
 @contextlib.contextmanager
 def diffusers_ip_adapter(pipe, checkpoint):
     """Load the checkpoint with diffusers' `pipe.load_ip_adapter` for the duration of a `with`.
@@ -35,15 +40,23 @@ def diffusers_ip_adapter(pipe, checkpoint):
     `IPAdapterAttnProcessor2_0` and puts the projection into `unet.encoder_hid_proj`.
     On exit `pipe.unload_ip_adapter()` removes them again; as it also drops `pipe.image_encoder`,
     we put the encoder back, and restore whatever processors were there before (ours included).
+    A FaceID checkpoint's LoRA goes into the UNet's own linear layers through PEFT (adapter
+    "faceid_0"); `unload_ip_adapter` leaves it there, so `unload_lora_weights()` takes it out too.
     """
     state = read_checkpoint(checkpoint)
     saved_processors = pipe.unet.attn_processors
     saved_encoder = getattr(pipe, "image_encoder", None)
     saved_features = getattr(pipe, "feature_extractor", None)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # diffusers rebuilds each self-attention processor as `type(current)()`: start from plain ones
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
     try:
         yield state
     finally:
+        if _has_lora(state):
+            pipe.unload_lora_weights()
         pipe.unload_ip_adapter()
         pipe.register_modules(image_encoder=saved_encoder, feature_extractor=saved_features)
         pipe.unet.set_attn_processor(saved_processors)
@@ -73,6 +86,13 @@ def diffusers_image_embeds(pipe, plus: bool, image=None, guidance: bool = True) 
     return [torch.cat([uncond, cond])[:, None] if guidance else cond[:, None]]
 
 
+def _embeds_prompt(embeds: torch.Tensor, guidance: bool) -> list[torch.Tensor]:
+    """One precomputed embedding (D,) as diffusers' `ip_adapter_image_embeds`: [(2, 1, D)] with
+    guidance (a zero embedding first: FaceID's "no image"), [(1, 1, D)] without."""
+    cond = embeds.reshape(1, 1, -1)
+    return [torch.cat([torch.zeros_like(cond), cond]) if guidance else cond]
+
+
 def _concat(outputs: list, output_type: str):
     """The outputs of several pipeline calls as one, in the type the pipeline returns."""
     if output_type == "pil":
@@ -84,19 +104,22 @@ def _concat(outputs: list, output_type: str):
 
 @torch.no_grad()
 def _diffusers_call(pipe, plus: bool, image, prompt, negative_prompt, scale, num_samples, seed,
-                    num_inference_steps, guidance_scale, output_type):
+                    num_inference_steps, guidance_scale, output_type, image_embeds=None):
     """Sample through the stock pipeline with a diffusers-loaded adapter (see generate_with_diffusers).
 
     Without an image prompt all prompts share the same (uncond) image features: one call.
     With image prompts, one call per image: the pipeline gives one image prompt to its whole batch.
     """
-    images, prompts, negatives = prompt_batch(image, prompt, negative_prompt)
+    images, prompts, negatives = prompt_batch(image if image_embeds is None else list(image_embeds), prompt,
+                                              negative_prompt)
     cfg = guidance_scale > 1.0
     pipe.set_ip_adapter_scale(scale)
 
     def call(image_i, prompts_i, negatives_i, first):
+        embeds = (diffusers_image_embeds(pipe, plus, image_i, cfg) if image_embeds is None
+                  else _embeds_prompt(image_i[0], cfg))
         return pipe(prompt=prompts_i, negative_prompt=negatives_i if cfg else None, num_images_per_prompt=num_samples,
-                    ip_adapter_image_embeds=diffusers_image_embeds(pipe, plus, image_i, cfg),
+                    ip_adapter_image_embeds=embeds,
                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                     generator=sample_generators(seed + first, len(prompts_i) * num_samples),
                     output_type=output_type).images
@@ -110,7 +133,8 @@ def _diffusers_call(pipe, plus: bool, image, prompt, negative_prompt, scale, num
 
 def generate_with_diffusers(pipe, checkpoint, image=None, prompt="", negative_prompt="", scale: float = 1.0,
                             num_samples: int = 4, seed: int = 0, num_inference_steps: int = 25,
-                            guidance_scale: float = DEFAULT_GUIDANCE_SCALE, output_type: str = "pil"):
+                            guidance_scale: float = DEFAULT_GUIDANCE_SCALE, output_type: str = "pil",
+                            image_embeds=None):
     """The same as `generate`, through diffusers' own IP-Adapter code instead of ours.
 
     `checkpoint`: the path or dict that `load_adapter` takes. The adapter is loaded with
@@ -119,8 +143,9 @@ def generate_with_diffusers(pipe, checkpoint, image=None, prompt="", negative_pr
     shares one image prompt across its batch), `pipe.set_ip_adapter_scale(scale)` sets lambda,
     and the adapter is unloaded afterwards, so the pipeline (and any adapter of ours in it) is
     as before.
+    `image_embeds` (FaceID): precomputed embeddings, one prompt per row, as for `generate`.
     Same arguments, same seed -> the same images as `generate`, up to float rounding.
     """
     with diffusers_ip_adapter(pipe, checkpoint) as state:
         return _diffusers_call(pipe, _is_plus_checkpoint(state), image, prompt, negative_prompt, scale,
-                               num_samples, seed, num_inference_steps, guidance_scale, output_type)
+                               num_samples, seed, num_inference_steps, guidance_scale, output_type, image_embeds)

@@ -33,7 +33,7 @@ from .adapter import install_ip_adapter, ip_processors
 from .attention import AttnProcessor
 from .checkpoint import CheckpointMismatchError, image_proj_from_state_dict, load_into, read_checkpoint
 from .encoders import image_features, unconditional_image_features
-from .projection import ImageProjModel, is_plus, num_tokens_of
+from .projection import ImageProjModel, Resampler, is_plus, num_tokens_of
 
 # Classifier-free guidance weight for the toy model. The paper samples SD 1.5 at 7.5; the toy
 # UNet (trained with 10% empty captions) is sampled at a milder weight. Pass your own to compare.
@@ -92,13 +92,22 @@ def keep_image_branch(unet, layers) -> nn.ModuleList:
     return nn.ModuleList(unet.attn_processors.values())
 
 
+def lora_rank_of(state) -> int | None:
+    """The rank of a FaceID checkpoint's LoRA (the rows of any `{i}.to_q_lora.down.weight`), None without one."""
+    for key, tensor in state["ip_adapter"].items():
+        if key.endswith(".to_q_lora.down.weight"):
+            return int(tensor.shape[0])
+    return None
+
+
 def load_adapter(pipe, checkpoint, scale: float = 1.0, partial: bool = False) -> nn.Module:
     """Put a trained IP-Adapter into `pipe.unet` with our processors; return the image projection.
 
     `checkpoint`: a `.safetensors`/`.bin` path or the dict `{"image_proj": ..., "ip_adapter": ...}`.
     Steps: build the projection from the checkpoint's shapes; replace every attention processor
     (`install_ip_adapter`, with the projection's number of tokens); load `to_k_ip`/`to_v_ip` and
-    the projection strictly (one error lists every missing, unexpected or mis-shaped key); move
+    the projection strictly (one error lists every missing, unexpected or mis-shaped key); a FaceID
+    checkpoint (LoRA keys) gets the LoRA processors everywhere (notebook 8); move
     the projection to the pipeline's device and dtype. An adapter already in the UNet is
     replaced. On any error the UNet is left with plain attention, never half-loaded.
     `partial=True` loads an adapter trained in some layers only (notebook 9, `keep_image_branch`):
@@ -108,14 +117,14 @@ def load_adapter(pipe, checkpoint, scale: float = 1.0, partial: bool = False) ->
     image_proj_model = image_proj_from_state_dict(state["image_proj"])
     unet = pipe.unet
     width = unet.config.cross_attention_dim
-    out = image_proj_model.norm.normalized_shape[0] if isinstance(image_proj_model, ImageProjModel) \
-        else image_proj_model.proj_out.out_features
+    norm = getattr(image_proj_model, "norm", None)
+    out = norm.normalized_shape[0] if norm is not None else image_proj_model.proj_out.out_features
     if out != width:
         raise CheckpointMismatchError(
             f"the checkpoint's projection makes {out}-wide tokens, but this UNet's cross_attention_dim "
             f"is {width}: the adapter was trained for another base model")
     encoder = getattr(pipe, "image_encoder", None)
-    if encoder is not None:
+    if encoder is not None and isinstance(image_proj_model, (ImageProjModel, Resampler)):  # FaceID reads no CLIP
         plus = is_plus(image_proj_model)
         have = encoder.config.hidden_size if plus else encoder.config.projection_dim
         need = image_proj_model.embedding_dim if plus else image_proj_model.clip_embeddings_dim
@@ -125,7 +134,8 @@ def load_adapter(pipe, checkpoint, scale: float = 1.0, partial: bool = False) ->
                 f"encoder gives {have} ({'hidden_size' if plus else 'projection_dim'}): wrong image encoder")
     remove_adapter(pipe)
     try:
-        adapter_modules = install_ip_adapter(unet, num_tokens=num_tokens_of(image_proj_model), scale=scale)
+        adapter_modules = install_ip_adapter(unet, num_tokens=num_tokens_of(image_proj_model), scale=scale,
+                                             lora_rank=lora_rank_of(state))
         if partial:
             names = list(unet.attn_processors)
             have = {int(k.split(".")[0]) for k in state["ip_adapter"] if k.split(".")[0].isdigit()}
@@ -374,7 +384,7 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
 @torch.no_grad()
 def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_prompt="", scale=1.0,
              num_samples: int = 4, seed: int = 0, num_inference_steps: int = 25,
-             guidance_scale: float = DEFAULT_GUIDANCE_SCALE, output_type: str = "pil"):
+             guidance_scale: float = DEFAULT_GUIDANCE_SCALE, output_type: str = "pil", image_embeds=None):
     """Sample `num_samples` images for each image prompt (and/or text), the original's way.
 
     image: one image, a list (one batch of prompts), or None for no image prompt. With None, the
@@ -385,8 +395,15 @@ def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_
     prompt / negative_prompt: a string for all prompts, or a list with one per image.
     scale: a number, or a dict by block in diffusers' format (`set_scale`, `block_scales`).
     seed: sample k (prompt-major order) starts from the noise of `seed + k` (`sample_generators`).
+    image_embeds: instead of `image`, the features the projection reads, (batch, D): FaceID's
+        identity embeddings (notebook 8). "No image" is then a zero embedding, as in the original.
     Returns `pipe(...).images` (`output_type` "pil", "np" or "pt"), prompt-major order.
     """
+    if image_embeds is not None:
+        if image is not None or is_plus(image_proj_model):
+            raise ValueError("pass either `image` or `image_embeds` (pooled embeddings, (batch, D)), not both; "
+                             "Plus reads patch features of an image: pass `image`")
+        image = list(image_embeds)  # one prompt per row, for the batch size
     images, prompts, negatives = prompt_batch(image, prompt, negative_prompt)
     batch = len(prompts)
     set_scale(pipe.unet, scale)
@@ -395,7 +412,10 @@ def generate(pipe, image_proj_model: nn.Module, image=None, prompt="", negative_
     # Text: (batch * num_samples, L, dim), each prompt repeated num_samples times in a row.
     text, negative_text = pipe.encode_prompt(prompts, pipe._execution_device, num_samples, cfg, negatives)
     # Image: (batch, T, dim), repeated the same way, then appended after the text tokens.
-    if images is None:
+    if image_embeds is not None:
+        cond = _project(image_proj_model, image_embeds)
+        uncond = _project(image_proj_model, torch.zeros_like(image_embeds))
+    elif images is None:
         uncond = unconditional_image_tokens(pipe, image_proj_model).expand(batch, -1, -1)
         cond = uncond
     else:

@@ -8,6 +8,7 @@ small module that maps the image encoder's output to a few extra tokens:
   single linear layer and a LayerNorm.
 * `Resampler` (IP-Adapter Plus, notebook 6): the 257 patch features of the encoder's penultimate
   layer -> 16 tokens, with a small Perceiver: learned queries that attend to the features.
+* `MLPProjModel` (IP-Adapter Full-face, notebook 8): each of those 257 features -> one token.
 
 Parameter names follow the original implementation (tencent-ailab/IP-Adapter) on purpose: the
 checkpoints these modules save then load in the original code and in diffusers' converters.
@@ -56,6 +57,32 @@ class ImageProjModel(nn.Module):
         # One long vector per image -> a short sequence of tokens, each as wide as a text token.
         tokens = tokens.reshape(-1, self.clip_extra_context_tokens, self.cross_attention_dim)
         return self.norm(tokens)
+
+
+class MLPProjModel(nn.Module):
+    """IP-Adapter Full-face's projection: every one of the encoder's patch tokens becomes a token.
+
+    Shapes: (batch, n_features, clip_embeddings_dim) -> (batch, n_features, cross_attention_dim).
+    An MLP (linear, GELU, linear, LayerNorm) applied to each of the 257 penultimate-layer tokens
+    of ViT-H/14 (256 patches + the class token), so the UNet gets 257 image tokens: all the
+    encoder saw, no summary. For SD 1.5: 1280 -> 1280 -> 768, 2,625,024 parameters.
+    Named as in the original's ip_adapter.py; FaceID's projection of the same name is
+    `ipa_lab.faceid.MLPProjModel`.
+    """
+
+    def __init__(self, cross_attention_dim: int = 1024, clip_embeddings_dim: int = 1024):
+        super().__init__()
+        self.clip_embeddings_dim = clip_embeddings_dim
+        self.proj = nn.Sequential(
+            nn.Linear(clip_embeddings_dim, clip_embeddings_dim),
+            nn.GELU(),
+            nn.Linear(clip_embeddings_dim, cross_attention_dim),
+            nn.LayerNorm(cross_attention_dim),
+        )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Map each token of (batch, n_features, clip_embeddings_dim) to a cross-attention token."""
+        return self.proj(image_embeds)
 
 
 def feed_forward(dim: int, mult: float = 4) -> nn.Sequential:
@@ -173,8 +200,11 @@ def num_tokens_of(image_proj_model: nn.Module) -> int:
         return int(image_proj_model.clip_extra_context_tokens)
     if isinstance(getattr(image_proj_model, "latents", None), torch.Tensor):  # Resampler: one token per query
         return int(image_proj_model.latents.shape[1])
+    if isinstance(getattr(image_proj_model, "num_tokens", None), int):  # FaceID's projections
+        return int(image_proj_model.num_tokens)
     raise TypeError(f"cannot tell how many tokens a {type(image_proj_model).__name__} makes: expected an "
-                    "ImageProjModel (clip_extra_context_tokens) or a Resampler (latents)")
+                    "ImageProjModel (clip_extra_context_tokens), a Resampler (latents) or a FaceID projection "
+                    "(num_tokens); Full-face's MLPProjModel makes one per encoder token (257 for ViT-H/14)")
 
 
 def is_plus(image_proj_model: nn.Module) -> bool:

@@ -19,11 +19,15 @@ ORDER = [
     "configs",  # architectures as data (+ builders of diffusers'/transformers' classes)
     "tables",  # plain-text tables
     "projection",  # image features -> tokens
+    "faceid",  # FaceID's projections (identity embedding -> tokens)
     "attention",  # the processors
+    "attention_faceid",  # FaceID's processors: the same, with LoRA
     "encoders",  # the frozen encoders' outputs
     "metrics",  # what a picture shows
     "adapter",  # install, find, freeze, count
+    "family",  # every IP-Adapter variant, counted
     "checkpoint",  # save, read, load strictly
+    "recognition",  # the toy's identity embedding
     "convert",  # the original trainer's checkpoints -> the adapter file
     "generate",  # sampling with our adapter
     "diffusers_path",  # the same through diffusers' code

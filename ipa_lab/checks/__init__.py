@@ -40,6 +40,7 @@ from .nb04_training_loop import drop_decision, noisy_latents, training_step, tra
 from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
 from .nb06_ip_adapter_plus import perceiver_attention
 from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
+from .nb08_ip_adapter_family import lora_linear_layer, faceid_trainable
 from .nb09_which_layers_matter import only_layers, layers_for
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
     "perceiver_attention",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
+    "lora_linear_layer", "faceid_trainable",
     "only_layers", "layers_for",
     "grade", "set_language", "CheckFailed", "expect", "expect_close", "expect_equal", "expect_shape",
 ]

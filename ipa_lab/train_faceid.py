@@ -1,0 +1,194 @@
+"""FaceID on the toy: train it, and measure what it takes from the image and from the text (notebook 8).
+
+The original trains FaceID with tutorial_train_faceid.py: the base recipe, with the identity
+embedding (a zero embedding when the image is dropped) in place of CLIP's, FaceID's projection,
+and LoRA processors everywhere. Here the same, on the toy: `faceid_trainer` builds the base
+adapter's `Trainer` (same data, encoder cache, draws and recipe: `TrainConfig` defaults) and
+gives it FaceID's parts and inputs; the identity embedding is `ipa_lab.recognition`'s.
+
+`compare` asks what FaceID was built for: with an image prompt and a text that asks for another
+position and size, do the samples keep the prompt's colour and shape and follow the text's
+layout, where the base adapter copies the layout too?
+
+    python -m ipa_lab.train_faceid train --output data/ip-adapter-toy-faceid
+    python -m ipa_lab.train_faceid compare --faceid data/ip-adapter-toy-faceid/ip_adapter.safetensors \
+        --output data/faceid/compare.csv
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+from .faceid import NUM_TOKENS, MLPProjModel
+
+# The toy's LoRA rank: its attention layers are 64 and 128 wide (SD 1.5's are 320 to 1280, rank 128).
+TOY_LORA_RANK = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the toy: the base adapter's trainer, with FaceID's parts and inputs
+# ---------------------------------------------------------------------------------------------
+class IdentityInputs:
+    """A step's inputs for FaceID: latents and text from the encoder cache, and in place of the
+    CLIP features the identity embedding of each sample's image; a dropped image is a zero
+    embedding, as in tutorial_train_faceid.py (and "no image" at inference)."""
+
+    def __init__(self, cache, id_embeds: torch.Tensor):
+        self.cache, self.id_embeds = cache, id_embeds
+
+    def __call__(self, d, device):
+        latents, text, _ = self.cache(d, device)
+        image = self.id_embeds[d.indices.cpu()].to(device)
+        return latents, text, torch.where(d.drop_image.to(device)[:, None], torch.zeros_like(image), image)
+
+
+def dataset_identity_embeds(recognizer, dataset) -> torch.Tensor:
+    """The identity embedding of every item of an `IPAdapterDataset`, in its order."""
+    from .recognition import identity_embeds, to_pixels
+
+    return identity_embeds(recognizer, to_pixels([dataset.image(i) for i in range(len(dataset))]))
+
+
+def faceid_trainer(cfg, recognizer, lora_rank: int = TOY_LORA_RANK, backbone=None):
+    """A `Trainer` for FaceID: built as for the base adapter (same data, cache, draws and recipe),
+    then given FaceID's parts: the processors with LoRA (`install_ip_adapter(lora_rank=...)`),
+    FaceID's `MLPProjModel` over the recognizer's embedding, AdamW over both, and
+    `IdentityInputs`. Everything else (checkpoints, resume, the loss log) is the Trainer's."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from .adapter import install_ip_adapter
+    from .trainer import IPAdapter, Trainer
+
+    if not cfg.fast:
+        raise ValueError("FaceID training on the toy reads the encoder cache: use fast=True")
+    trainer = Trainer(cfg, backbone)
+    unet = trainer.bb.unet
+    unet.set_attn_processor(AttnProcessor2_0())  # take the base adapter out before installing FaceID's
+    torch.manual_seed(cfg.seed)
+    adapter_modules = install_ip_adapter(unet, num_tokens=NUM_TOKENS, lora_rank=lora_rank)
+    projection = MLPProjModel(unet.config.cross_attention_dim, recognizer.config["embed_dim"]).to(trainer.device)
+    params = list(itertools.chain(projection.parameters(), adapter_modules.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainer.ip_adapter = IPAdapter(unet, projection, adapter_modules)
+    trainer.model, trainer.optimizer = trainer.accelerator.prepare(trainer.ip_adapter, optimizer)
+    trainer.inputs = IdentityInputs(trainer.inputs, dataset_identity_embeds(recognizer, trainer.dataset))
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# What a FaceID adapter takes from the image prompt, and what from the text
+# ---------------------------------------------------------------------------------------------
+def layout_prompts(records, n: int, seed: int = 0) -> tuple[list[int], list[str], list]:
+    """n validation items as image prompts, each with a caption that keeps its colour and shape
+    but asks for another position (and a random size): (indices, captions, the captions' specs)."""
+    from .data import POSITIONS, SIZES, ShapeSpec, parse_caption
+
+    rng = random.Random(seed)
+    indices, captions, specs = [], [], []
+    for i in range(min(n, len(records))):
+        spec = parse_caption(records[i]["text"])
+        position = rng.choice([p for p in POSITIONS if p != spec.position])
+        asked = ShapeSpec(spec.colour, spec.shape, position, rng.choice(list(SIZES)))
+        indices.append(i)
+        captions.append(asked.caption)
+        specs.append(asked)
+    return indices, captions, specs
+
+
+def _agreement(samples, expected) -> dict:
+    from .metrics import agreement, classify
+
+    return agreement([classify(s) for s in samples], [e.as_dict() for e in expected])
+
+
+@torch.no_grad()
+def compare(pipe, base_checkpoint, faceid_checkpoint, recognizer, records, root, n: int = 64, steps: int = 25,
+            seed: int = 0) -> list[dict]:
+    """The table of notebook 8: for the base adapter, the FaceID adapter and the text alone, the
+    agreement of the samples with the image prompt (empty text; and with a text asking for another
+    layout) and with that text. One sample per prompt, the same seeds for every row."""
+    from .data import load_rgb, parse_caption
+    from .generate import generate, load_adapter, remove_adapter
+    from .recognition import identity_embeds
+
+    indices, captions, asked = layout_prompts(records, n, seed)
+    images = [load_rgb(Path(root) / records[i]["image_file"]) for i in indices]
+    shown = [parse_caption(records[i]["text"]) for i in indices]
+    ids = identity_embeds(recognizer, images)
+    rows = []
+    for name, checkpoint in (("base adapter", base_checkpoint), ("FaceID adapter", faceid_checkpoint),
+                             ("text only (adapter off)", base_checkpoint)):
+        proj = load_adapter(pipe, checkpoint)
+        kwargs = {"image_embeds": ids} if name.startswith("FaceID") else {"image": images}
+        scale = 0.0 if name.startswith("text") else 1.0
+        for condition, prompt in (("image, empty text", ""), ("image + text asking another layout", captions)):
+            if scale == 0 and prompt == "":
+                continue
+            out = generate(pipe, proj, prompt=prompt, scale=scale, num_samples=1, seed=seed,
+                           num_inference_steps=steps, **kwargs)
+            with_image, with_text = _agreement(out, shown), _agreement(out, asked)
+            row = {"adapter": name, "prompt": condition}
+            row.update({f"{a} = image": with_image[a] for a in ("colour", "shape", "position", "size")})
+            if prompt:
+                row.update({f"{a} = text": with_text[a] for a in ("position", "size")})
+            rows.append(row)
+    remove_adapter(pipe)
+    return rows
+
+
+def _parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ipa_lab.train_faceid", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the toy FaceID adapter (the shipped one: the defaults)")
+    train.add_argument("--output", required=True, help="run folder (ip_adapter.safetensors, loss.csv, ...)")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--rank", type=int, default=TOY_LORA_RANK, help="LoRA rank (the original's is 128)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true")
+    evaluate = sub.add_parser("compare", help="the base adapter against FaceID: what comes from image and text")
+    evaluate.add_argument("--faceid", required=True, help="the FaceID checkpoint")
+    evaluate.add_argument("--output", required=True, help="CSV to write")
+    evaluate.add_argument("--n", type=int, default=64)
+    evaluate.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("steps", "rank", "n"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    from .runtime import setup
+
+    setup(seed=args.seed)
+    from .pipeline import REPO_ROOT, TOY_SD
+    from .recognition import load_recognizer
+    from .tables import format_table
+
+    data = REPO_ROOT / "data" / "shapes"
+    if args.command == "train":
+        from .train import TrainConfig
+
+        cfg = TrainConfig(model=str(TOY_SD), data=str(data), output=args.output, steps=args.steps, seed=args.seed,
+                          overwrite=args.overwrite)
+        result = faceid_trainer(cfg, load_recognizer(), args.rank).run()
+        print(f"{result.steps} steps, last loss {result.losses[-1][1]:.4f}: {result.output}")
+        return
+    from .data import read_records
+    from .pipeline import load_pipeline
+    from .tables import write_csv
+
+    pipe = load_pipeline()
+    rows = compare(pipe, REPO_ROOT / "data" / "ip-adapter-toy" / "ip_adapter.safetensors", args.faceid,
+                   load_recognizer(), read_records(data / "val.json"), data, n=args.n, seed=args.seed)
+    write_csv(args.output, rows)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

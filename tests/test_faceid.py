@@ -1,0 +1,137 @@
+"""FaceID: the LoRA processors, the projections, every family member's count, the toy recognizer,
+and the shipped toy FaceID adapter loading in diffusers (through PEFT) with the same images."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import perturb_
+from ipa_lab.adapter import count_parameters, install_ip_adapter
+from ipa_lab.attention import AttnProcessor, IPAttnProcessor
+from ipa_lab.attention_faceid import LoRAAttnProcessor, LoRAIPAttnProcessor, LoRALinearLayer
+from ipa_lab.faceid import MLPProjModel, ProjPlusModel
+from ipa_lab.family import VARIANTS, attention_counts, count_variant, family_table, variant
+
+# The counts of FACTS.md ("The family"), computed there with the original code's own classes.
+EXPECTED = {
+    "SD 1.5 base": (3_150_336, 22_319_616),
+    "SD 1.5 Plus": (29_918_208, 49_087_488),
+    "SD 1.5 Plus-Face": (29_918_208, 49_087_488),
+    "SD 1.5 Full-face": (2_625_024, 21_794_304),
+    "SD 1.5 FaceID": (3_675_648, 48_354_816),
+    "SD 1.5 FaceID-Plus / PlusV2": (33_581_568, 78_260_736),
+    "SDXL (ViT-bigG)": (10_498_048, 351_285_248),
+    "SDXL (ViT-H)": (8_400_896, 349_188_096),
+    "SDXL Plus (ViT-H)": (82_961_664, 423_748_864),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_variant_is_counted_as_the_original_builds_it(name):
+    counts = count_variant(variant(name))
+    assert (counts["projection"], counts["total"]) == EXPECTED[name]
+
+
+def test_faceid_portrait_is_faceid_without_lora_and_with_80_tokens():
+    v = variant("SD 1.5 FaceID-Portrait")
+    counts = count_variant(v)
+    # 512 -> 1024 -> 16 x 768 per face, LayerNorm; the base model's image branch; no LoRA
+    assert counts["projection"] == 512 * 1024 + 1024 + 1024 * 16 * 768 + 16 * 768 + 2 * 768
+    assert counts["lora_self"] == counts["lora_cross"] == 0 and v.tokens == 16 * 5
+    assert counts["ip_branch"] == count_variant(variant("SD 1.5 base"))["ip_branch"]
+
+
+def test_faceid_lora_sits_in_self_and_cross_attention_of_sd15():
+    counts = attention_counts("sd15_unet", 128)
+    assert counts["lora_self"] == 12_779_520 and counts["lora_cross"] == 12_730_368
+    assert counts["ip_branch"] == 19_169_280 and counts["layers"] == 16
+
+
+@pytest.mark.parametrize("v", [v for v in VARIANTS if v.published], ids=lambda v: v.name)
+def test_published_fp16_files_weigh_two_bytes_per_counted_parameter(v):
+    megabytes = 2 * count_variant(v)["total"] / 1e6
+    assert abs(megabytes - v.published[1]) < 1.0, (v.published, megabytes)
+
+
+def test_family_table_rows_and_unknown_variant():
+    rows = family_table(VARIANTS[:2])
+    assert [r["variant"] for r in rows] == ["SD 1.5 base", "SD 1.5 Plus"] and rows[0]["total"] == 22_319_616
+    with pytest.raises(ValueError, match="no variant 'SD 2'"):
+        variant("SD 2")
+
+
+# ------------------------------------------------------------------------------------- LoRA
+def test_lora_layer_starts_at_zero_and_counts_rank_times_fan_in_plus_fan_out():
+    torch.manual_seed(0)
+    layer = LoRALinearLayer(64, 128, rank=8)
+    assert count_parameters(layer) == 8 * (64 + 128)
+    assert torch.count_nonzero(layer(torch.randn(3, 5, 64))) == 0  # up is zero: no change at step 0
+    perturb_(layer)
+    x = torch.randn(2, 64)
+    assert torch.allclose(layer(x), x @ (layer.up.weight @ layer.down.weight).T, atol=1e-6)
+    halved = LoRALinearLayer(64, 128, rank=8, network_alpha=4.0)
+    halved.load_state_dict(layer.state_dict())
+    assert torch.allclose(halved(x), 0.5 * layer(x), atol=1e-6)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoRALinearLayer(4, 4, rank=0)
+
+
+def _unet_output(unet, seed: int = 0, text_tokens: int = 7, image_tokens: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    states = torch.randn(2, text_tokens + image_tokens, 64, generator=g)
+    with torch.no_grad():
+        return unet(latents, 10, states).sample
+
+
+def test_faceid_processors_start_as_the_base_adapter(toy_unet):
+    base, faceid = toy_unet, copy.deepcopy(toy_unet)
+    install_ip_adapter(base)
+    modules = install_ip_adapter(faceid, lora_rank=4)
+    kinds = {type(p) for p in faceid.attn_processors.values()}
+    assert kinds == {LoRAAttnProcessor, LoRAIPAttnProcessor}
+    assert all(count_parameters(p) > 0 for p in modules)  # the self-attention processors hold parameters now
+    assert torch.allclose(_unet_output(base), _unet_output(faceid), atol=1e-6)
+
+
+def test_lora_processor_computes_the_merged_weights(toy_unet):
+    """A trained LoRA is W + B A: merging it into a copy of the layers gives the same UNet output."""
+    merged = copy.deepcopy(toy_unet)
+    modules = install_ip_adapter(toy_unet, lora_rank=4)
+    perturb_(modules, seed=3, std=0.1)
+    install_ip_adapter(merged)
+    layers = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, p in toy_unet.attn_processors.items():
+            layer = layers[name[: -len(".processor")]]
+            for target in ("to_q", "to_k", "to_v", "to_out"):
+                lora = getattr(p, f"{target}_lora")
+                linear = layer.to_out[0] if target == "to_out" else getattr(layer, target)
+                linear.weight += lora.up.weight @ lora.down.weight
+            if isinstance(p, IPAttnProcessor):
+                mine = merged.attn_processors[name]
+                mine.to_k_ip.weight.copy_(p.to_k_ip.weight)
+                mine.to_v_ip.weight.copy_(p.to_v_ip.weight)
+    assert torch.allclose(_unet_output(toy_unet), _unet_output(merged), atol=1e-5)
+
+
+def test_install_refuses_a_bad_rank(toy_unet):
+    with pytest.raises(ValueError, match="lora_rank must be a positive integer"):
+        install_ip_adapter(toy_unet, lora_rank=0)
+    assert not any(isinstance(p, LoRAAttnProcessor) for p in toy_unet.attn_processors.values())
+
+
+def test_faceid_projections_shapes_and_errors():
+    torch.manual_seed(0)
+    proj = MLPProjModel(cross_attention_dim=64, id_embeddings_dim=32, num_tokens=4)
+    assert proj(torch.randn(3, 32)).shape == (3, 4, 64)
+    with pytest.raises(ValueError, match=r"shape \(batch, 32\)"):
+        proj(torch.randn(3, 1, 32))
+    plus = ProjPlusModel(cross_attention_dim=128, id_embeddings_dim=32, clip_embeddings_dim=48, num_tokens=4)
+    ids, clip = torch.randn(2, 32), torch.randn(2, 9, 48)
+    out, short = plus(ids, clip), plus(ids, clip, shortcut=True, scale=0.5)
+    tokens = plus.norm(plus.proj(ids).reshape(-1, 4, 128))
+    assert out.shape == (2, 4, 128) and torch.allclose(short, tokens + 0.5 * out, atol=1e-6)
