@@ -98,29 +98,34 @@ def load_split(root: str | Path, split: str) -> tuple[torch.Tensor, list]:
 
 def align(pixels: torch.Tensor, size: int = 32, margin: float = 1.25) -> torch.Tensor:
     """Detect and align, as a face pipeline does before recognition: crop a square around the
-    shape (its pixels: far from the background, as `metrics.foreground` finds them), `margin`
-    times its extent, and resize it to `size` x `size`. Position and size are gone from the
-    result by construction, as InsightFace's 112 x 112 aligned crop removes where the face was
-    and how large. A picture with no shape pixels is used whole."""
-    from .metrics import foreground
+    shape (its pixels: farther than 60 RGB units from the background, as `metrics.foreground`
+    finds them), `margin` times its extent, and resize it to `size` x `size`. Position and size
+    are gone from the result by construction, as InsightFace's 112 x 112 aligned crop removes
+    where the face was and how large. A picture with no shape pixels is used whole."""
+    from .metrics import _FOREGROUND
 
-    out = []
-    for x in pixels:
-        mask = torch.from_numpy(foreground((x * 2 - 1).clamp(-1, 1)))
-        ys, xs = mask.nonzero(as_tuple=True)
-        if len(ys) == 0:
-            crop = x
-        else:
-            cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
-            half = margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1) / 2
-            # the crop box in the [-1, 1] coordinates grid_sample reads (background outside the picture)
-            h, w = x.shape[1:]
-            theta = torch.tensor([[2 * half / w, 0, 2 * cx / w - 1], [0, 2 * half / h, 2 * cy / h - 1]])[None]
-            grid = F.affine_grid(theta, (1, 3, size, size), align_corners=False)
-            background = torch.tensor(BACKGROUND, dtype=x.dtype).view(3, 1, 1) / 255.0
-            crop = F.grid_sample((x - background)[None], grid, align_corners=False)[0] + background
-        out.append(crop if crop.shape[-1] == size else F.interpolate(crop[None], size=(size, size), mode="bilinear")[0])
-    return torch.stack(out)
+    b, _, h, w = pixels.shape
+    background = torch.tensor(BACKGROUND, dtype=pixels.dtype).view(1, 3, 1, 1) / 255.0
+    mask = ((pixels - background) * 255).norm(dim=1) > _FOREGROUND  # (B, H, W)
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # which rows / columns hold shape pixels
+    found = rows.any(dim=1)
+
+    def extent(hit: torch.Tensor, n: int):  # first and last index of each row of `hit` (n-1, 0 if none)
+        index = torch.arange(n).expand_as(hit)
+        return torch.where(hit, index, n).min(dim=1).values, torch.where(hit, index, -1).max(dim=1).values + 1
+
+    (top, bottom), (left, right) = extent(rows, h), extent(cols, w)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    half = margin * torch.maximum(bottom - top, right - left) / 2
+    # A blank picture: the whole image (centre, half the side).
+    cy, cx = torch.where(found, cy, h / 2), torch.where(found, cx, w / 2)
+    half = torch.where(found, half, torch.tensor(w / 2, dtype=half.dtype))
+    # The crop box in the [-1, 1] coordinates grid_sample reads; outside the picture is background.
+    theta = torch.zeros(b, 2, 3, dtype=pixels.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = 2 * half / w, 2 * cx / w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = 2 * half / h, 2 * cy / h - 1
+    grid = F.affine_grid(theta, (b, 3, size, size), align_corners=False)
+    return F.grid_sample(pixels - background, grid, align_corners=False) + background
 
 
 def train_recognizer(root: str | Path, steps: int = 300, batch_size: int = 128, lr: float = 3e-3, seed: int = 0

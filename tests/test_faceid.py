@@ -135,3 +135,122 @@ def test_faceid_projections_shapes_and_errors():
     out, short = plus(ids, clip), plus(ids, clip, shortcut=True, scale=0.5)
     tokens = plus.norm(plus.proj(ids).reshape(-1, 4, 128))
     assert out.shape == (2, 4, 128) and torch.allclose(short, tokens + 0.5 * out, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the toy's FaceID
+from ipa_lab.pipeline import REPO_ROOT  # noqa: E402
+
+SHIPPED_FACEID = REPO_ROOT / "data" / "ip-adapter-toy-faceid" / "ip_adapter.safetensors"
+DATA = REPO_ROOT / "data" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    from ipa_lab.recognition import load_recognizer
+
+    return load_recognizer()
+
+
+def test_recognizer_names_identities_whatever_the_layout(recognizer):
+    from ipa_lab.data import POSITIONS, SIZES, ShapeSpec, render_shape
+    from ipa_lab.recognition import IDENTITIES, identity_embeds, identity_of
+
+    specs = [ShapeSpec(c, s, p, z) for c, s in (("red", "circle"), ("blue", "triangle"), ("cyan", "square"))
+             for p in POSITIONS for z in SIZES]
+    embeds = identity_embeds(recognizer, [render_shape(s) for s in specs])
+    assert torch.allclose(embeds.norm(dim=-1), torch.ones(len(specs)), atol=1e-5)  # unit length, like InsightFace's
+    assert [IDENTITIES[i] for i in recognizer.cosines(embeds).argmax(-1)] == [f"{s.colour} {s.shape}" for s in specs]
+    same = embeds @ embeds.T
+    ids = torch.tensor([identity_of(s) for s in specs])
+    within, across = same[ids[:, None] == ids[None]], same[ids[:, None] != ids[None]]
+    assert within.min() > across.max(), (within.min(), across.max())  # 8 layouts of one identity stay together
+
+
+def test_recognizer_refuses_bad_pixels_and_aligns_a_blank_picture_whole(recognizer):
+    from ipa_lab.recognition import align
+
+    with pytest.raises(ValueError, match=r"\(batch, 3, H, W\)"):
+        recognizer(torch.rand(3, 32, 32))
+    blank = torch.full((1, 3, 32, 32), 245 / 255)
+    assert torch.allclose(align(blank), blank)
+
+
+def test_recognizer_training_is_seeded(toy_data):
+    from ipa_lab.recognition import train_recognizer
+
+    a, b = (train_recognizer(toy_data, steps=3, batch_size=8) for _ in range(2))
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_identity_inputs_zero_the_dropped_images():
+    from types import SimpleNamespace
+
+    from ipa_lab.train_faceid import IdentityInputs
+
+    cache = lambda d, device: (torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 64), torch.ones(2, 32))  # noqa: E731
+    ids = torch.arange(12.0).reshape(6, 2)
+    d = SimpleNamespace(indices=torch.tensor([4, 1]), drop_image=torch.tensor([False, True]))
+    _, _, image = IdentityInputs(cache, ids)(d, "cpu")
+    assert torch.equal(image, torch.tensor([[8.0, 9.0], [0.0, 0.0]]))
+
+
+def test_shipped_faceid_checkpoint_is_the_original_format(tiny_pipeline):
+    from ipa_lab.checkpoint import load_ip_adapter
+    from ipa_lab.generate import lora_rank_of
+
+    state = load_ip_adapter(SHIPPED_FACEID)
+    assert set(state["image_proj"]) == {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias",
+                                        "norm.weight", "norm.bias"}
+    assert lora_rank_of(state) == 8
+    assert "0.to_q_lora.down.weight" in state["ip_adapter"] and "0.to_k_ip.weight" not in state["ip_adapter"]
+    assert "1.to_k_ip.weight" in state["ip_adapter"] and "1.to_out_lora.up.weight" in state["ip_adapter"]
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from ipa_lab.pipeline import load_pipeline
+
+    return load_pipeline()
+
+
+def test_faceid_loads_in_diffusers_through_peft_with_the_same_images(toy_pipe, recognizer):
+    from ipa_lab.data import load_rgb, read_records
+    from ipa_lab.diffusers_path import generate_with_diffusers
+    from ipa_lab.generate import generate, load_adapter, remove_adapter
+    from ipa_lab.recognition import identity_embeds
+
+    records = read_records(DATA / "val.json")[:2]
+    ids = identity_embeds(recognizer, [load_rgb(DATA / r["image_file"]) for r in records])
+    proj = load_adapter(toy_pipe, SHIPPED_FACEID)
+    assert {type(p).__name__ for p in toy_pipe.unet.attn_processors.values()} == {"LoRAAttnProcessor",
+                                                                                 "LoRAIPAttnProcessor"}
+    args = dict(image_embeds=ids, prompt=["", records[0]["text"]], num_samples=1, seed=0, num_inference_steps=5,
+                output_type="np")
+    ours = generate(toy_pipe, proj, **args)
+    theirs = generate_with_diffusers(toy_pipe, SHIPPED_FACEID, **args)
+    assert np.abs(ours - theirs).max() < 1e-4
+    # diffusers' LoRA is gone again (plain nn.Linear, not PEFT's wrapper), our adapter back in place
+    assert type(toy_pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q) is torch.nn.Linear
+    assert np.array_equal(generate(toy_pipe, proj, **args), ours)
+    remove_adapter(toy_pipe)
+
+
+def test_generate_refuses_image_and_embeds_together(toy_pipe):
+    from ipa_lab.generate import generate, load_adapter, remove_adapter
+
+    proj = load_adapter(toy_pipe, SHIPPED_FACEID)
+    with pytest.raises(ValueError, match="either `image` or `image_embeds`"):
+        generate(toy_pipe, proj, image=[np.zeros((32, 32, 3), np.uint8)], image_embeds=torch.zeros(1, 64))
+    remove_adapter(toy_pipe)
+
+
+@pytest.mark.parametrize("argv, message", [(["train", "--output", "x", "--steps", "0"], "--steps must be at least 1"),
+                                           (["train", "--output", "x", "--rank", "0"], "--rank must be at least 1"),
+                                           (["compare", "--faceid", "f", "--output", "o", "--n", "0"],
+                                            "--n must be at least 1")])
+def test_train_faceid_command_line_refuses_bad_numbers(argv, message, capsys):
+    from ipa_lab.train_faceid import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
