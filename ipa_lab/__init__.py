@@ -4,6 +4,9 @@ One module per concept, in the order of the notebooks:
 
 * `projection`: image embedding -> tokens (ImageProjModel; Resampler for IP-Adapter Plus), and
   the projection for a given UNet and image encoder (`build_image_projection`)
+* `faceid`, `attention_faceid`: FaceID's projections and its LoRA processors (notebook 8); `family`:
+  every member of the IP-Adapter family, counted; `recognition`, `train_faceid`: the toy's identity
+  embedding, and FaceID trained and measured on the toy
 * `attention`: the processors a UNet attention layer runs (AttnProcessor, IPAttnProcessor)
 * `adapter`: install the processors, find them again, freeze the backbone, count what trains
 * `encoders`: the frozen encoders' outputs the adapter reads (text states, image features, "no image")

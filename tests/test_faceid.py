@@ -254,3 +254,40 @@ def test_train_faceid_command_line_refuses_bad_numbers(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def _diffusers_projection(state_dict):
+    """diffusers' own converter: an original-format image_proj state dict -> its projection class."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(
+        None, state_dict, low_cpu_mem_usage=False).eval()
+
+
+def test_full_face_faceid_and_faceid_plus_projections_load_in_diffusers_with_the_same_output():
+    """Our projections carry the original's parameter names: diffusers' converter recognises each
+    (IPAdapterFullImageProjection, IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection)
+    and computes the same tokens."""
+    from ipa_lab.projection import MLPProjModel as FullFaceProjModel
+
+    torch.manual_seed(0)
+    full = perturb_(FullFaceProjModel(cross_attention_dim=64, clip_embeddings_dim=48)).eval()
+    twin = _diffusers_projection(full.state_dict())
+    assert type(twin).__name__ == "IPAdapterFullImageProjection"
+    patches = torch.randn(2, 9, 48)
+    assert torch.allclose(full(patches), twin(patches), atol=1e-5)
+
+    faceid = perturb_(MLPProjModel(cross_attention_dim=64, id_embeddings_dim=32, num_tokens=4)).eval()
+    twin = _diffusers_projection(faceid.state_dict())
+    assert type(twin).__name__ == "IPAdapterFaceIDImageProjection"
+    ids = torch.randn(2, 32)
+    assert torch.allclose(faceid(ids), twin(ids), atol=1e-5)
+
+    plus = perturb_(ProjPlusModel(cross_attention_dim=128, id_embeddings_dim=32, clip_embeddings_dim=48)).eval()
+    twin = _diffusers_projection(plus.state_dict())
+    assert type(twin).__name__ == "IPAdapterFaceIDPlusImageProjection"
+    twin.clip_embeds = patches[:, None]  # diffusers takes the CLIP features as an attribute, one image per prompt
+    with torch.no_grad():
+        for shortcut in (False, True):
+            twin.shortcut, twin.shortcut_scale = shortcut, 0.7
+            assert torch.allclose(plus(ids, patches, shortcut=shortcut, scale=0.7), twin(ids).squeeze(1), atol=1e-5)
