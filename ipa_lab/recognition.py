@@ -6,12 +6,14 @@ pose, the framing and the light change, so its embedding keeps who is in the pic
 where and how they appear. That is why FaceID follows the text prompt for the composition.
 
 The toy's analog: an "identity" is a colour and a shape (6 x 3 = 18 of them); position and size
-play the part of pose and framing. `ShapeRecognizer` is a small CNN ending in global average
-pooling, trained the way face recognition is (CosFace: a cosine classifier over identity
-centres with a margin) on the shapes training split, where position and size vary. Like a face
-pipeline, it first detects and aligns (`align`: the shape cropped and resized to a fixed size,
-as InsightFace crops every face to 112 x 112), so layout is removed before the network sees
-the picture. Its embedding, like InsightFace's `normed_embedding`, has unit length.
+play the part of pose and framing. Like a face pipeline, it first detects and aligns (`align`:
+the shape cropped and resized to a fixed size, as InsightFace crops every face to 112 x 112), so
+layout is removed before the network sees the picture. `ShapeRecognizer` is a small CNN ending
+in global average pooling and a linear layer to 512 numbers, trained the way face recognition is
+(CosFace: a cosine classifier over identity centres with a margin) on the shapes training split,
+where position and size vary. Its embedding has InsightFace's width and, like its
+`normed_embedding`, unit length: the original's `IPAdapterFaceID` fixes a 512-wide identity
+embedding, so it loads the toy's FaceID adapter unmodified.
 
 `python -m ipa_lab.recognition --output data/toy-recognition` trains it (seeded, about a
 minute on 2 CPU cores) and writes `model.safetensors` (weights and config in the header, no
@@ -43,14 +45,14 @@ def identity_of(spec) -> int:
 
 
 class ShapeRecognizer(nn.Module):
-    """A small CNN: pixels (B, 3, H, W) in [0, 1] -> unit-length identity embeddings (B, embed_dim).
+    """A small CNN: pixels (B, 3, H, W) in [0, 1] -> unit-length identity embeddings (B, embed_dim = 512).
 
     Three convolutions, then global average pooling (the same features wherever the shape sits),
     then a linear layer to the embedding. `centres` (n_identities, embed_dim) are the classifier's
     identity directions, used only in training and for `identify`.
     """
 
-    def __init__(self, embed_dim: int = 64, width: int = 32, n_identities: int = len(IDENTITIES)):
+    def __init__(self, embed_dim: int = 512, width: int = 32, n_identities: int = len(IDENTITIES)):
         super().__init__()
         self.config = {"embed_dim": embed_dim, "width": width, "n_identities": n_identities}
         self.features = nn.Sequential(

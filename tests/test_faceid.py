@@ -291,3 +291,26 @@ def test_full_face_faceid_and_faceid_plus_projections_load_in_diffusers_with_the
         for shortcut in (False, True):
             twin.shortcut, twin.shortcut_scale = shortcut, 0.7
             assert torch.allclose(plus(ids, patches, shortcut=shortcut, scale=0.7), twin(ids).squeeze(1), atol=1e-5)
+
+
+def test_the_original_faceid_classes_load_the_shipped_toy_adapter_strictly(toy_unet):
+    """What the unmodified `IPAdapterFaceID(pipe, ckpt, device, lora_rank=8, num_tokens=4)` builds for the
+    toy UNet: `MLPProjModel(cross_attention_dim, id_embeddings_dim=512, num_tokens)` and, in `set_ip_adapter`,
+    LoRAAttnProcessor(hidden_size, cross_attention_dim=None, rank) / LoRAIPAttnProcessor(hidden_size,
+    cross_attention_dim, scale=1.0, rank, num_tokens); then two strict `load_state_dict` calls. Our classes
+    carry the original's names and arguments, so they stand in for them here."""
+    from ipa_lab.adapter import hidden_size_of
+    from ipa_lab.checkpoint import load_ip_adapter
+
+    state = load_ip_adapter(SHIPPED_FACEID)
+    projection = MLPProjModel(cross_attention_dim=toy_unet.config.cross_attention_dim, id_embeddings_dim=512,
+                              num_tokens=4)
+    projection.load_state_dict(dict(state["image_proj"]))  # strict
+    procs = {}
+    for name in toy_unet.attn_processors:
+        cross = None if name.endswith("attn1.processor") else toy_unet.config.cross_attention_dim
+        hidden = hidden_size_of(name, toy_unet.config)
+        procs[name] = (LoRAAttnProcessor(hidden_size=hidden, cross_attention_dim=cross, rank=8) if cross is None else
+                       LoRAIPAttnProcessor(hidden_size=hidden, cross_attention_dim=cross, scale=1.0, rank=8, num_tokens=4))
+    toy_unet.set_attn_processor(procs)
+    torch.nn.ModuleList(toy_unet.attn_processors.values()).load_state_dict(dict(state["ip_adapter"]))  # strict

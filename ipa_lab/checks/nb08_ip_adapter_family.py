@@ -114,7 +114,8 @@ def faceid_trainable(fn) -> str:
     """fn(unet, rank, id_embeddings_dim, num_tokens) -> the number of parameters a FaceID adapter trains on that UNet.
 
     中文：fn(unet, rank, id_embeddings_dim, num_tokens) -> FaceID 适配器在这个 UNet 上训练的参数个数。"""
-    cases = [("toy_unet", 8, 64, 4, ("the toy, rank 8", "玩具模型，秩 8")),
+    cases = [("toy_unet", 8, 512, 4, ("the toy, rank 8", "玩具模型，秩 8")),
+             ("toy_unet", 8, 64, 2, ("the toy, rank 8, a 64-wide embedding, 2 tokens", "玩具模型，秩 8，64 维嵌入，2 个 token")),
              ("sd15_unet", 128, 512, 4, ("SD 1.5, rank 128 (FaceID)", "SD 1.5，秩 128（FaceID）")),
              ("sd15_unet", 4, 512, 4, ("SD 1.5, rank 4", "SD 1.5，秩 4")),
              ("sdxl_unet", 128, 512, 4, ("SDXL, rank 128", "SDXL，秩 128"))]
