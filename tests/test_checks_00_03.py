@@ -51,6 +51,15 @@ def test_encoder_hidden_states_shape(capsys):
 
 
 # --- notebook 01: the ImageProjModel build exercise is in test_checks_build_01_03.py -----------
+def test_image_proj_parameters(capsys):
+    assert_pass(capsys, checks.image_proj_parameters, lambda d, c, t: d * t * c + t * c + 2 * c)
+    assert_todo(capsys, checks.image_proj_parameters)
+    assert_fail(capsys, checks.image_proj_parameters, lambda d, c, t: d * t * c + 2 * c, "proj's bias is missing")
+    assert_fail(capsys, checks.image_proj_parameters, lambda d, c, t: d * t * c + t * c, "LayerNorm's weight and bias")
+    assert_fail(capsys, checks.image_proj_parameters, lambda d, c, t: d * t * c + t * c + 2 * t * c,
+                "shared by all tokens")
+    assert_fail(capsys, checks.image_proj_parameters, lambda d, c, t: d * c + c + 2 * c, "expected 8,576")
+    assert_fail(capsys, checks.image_proj_parameters, lambda d, c, t: float(d * t * c + t * c + 2 * c), "whole number")
 
 
 # --- notebook 02 ---------------------------------------------------------------------------

@@ -314,3 +314,74 @@ def test_the_original_faceid_classes_load_the_shipped_toy_adapter_strictly(toy_u
                        LoRAIPAttnProcessor(hidden_size=hidden, cross_attention_dim=cross, scale=1.0, rank=8, num_tokens=4))
     toy_unet.set_attn_processor(procs)
     torch.nn.ModuleList(toy_unet.attn_processors.values()).load_state_dict(dict(state["ip_adapter"]))  # strict
+
+
+# ------------------------------------------------------------------------------- notebook 08's checkers
+from verdicts import assert_fail, assert_pass, assert_todo  # noqa: E402
+
+
+def test_lora_linear_layer_checker_names_the_mistakes(capsys):
+    from ipa_lab import checks
+
+    class Good(torch.nn.Module):
+        def __init__(self, fan_in, fan_out, rank):
+            super().__init__()
+            self.down = torch.nn.Linear(fan_in, rank, bias=False)
+            self.up = torch.nn.Linear(rank, fan_out, bias=False)
+            torch.nn.init.normal_(self.down.weight, std=1 / rank)
+            torch.nn.init.zeros_(self.up.weight)
+
+        def forward(self, x):
+            return self.up(self.down(x))
+
+    class Biased(Good):
+        def __init__(self, fan_in, fan_out, rank):
+            super().__init__(fan_in, fan_out, rank)
+            self.up = torch.nn.Linear(rank, fan_out)
+            torch.nn.init.zeros_(self.up.weight)
+
+    class UpRandom(Good):
+        def __init__(self, fan_in, fan_out, rank):
+            super().__init__(fan_in, fan_out, rank)
+            torch.nn.init.normal_(self.up.weight)
+
+    class DownZero(Good):
+        def __init__(self, fan_in, fan_out, rank):
+            super().__init__(fan_in, fan_out, rank)
+            torch.nn.init.zeros_(self.down.weight)
+
+    class Swapped(Good):
+        def forward(self, x):
+            return self.up(self.down(x)) * 2
+
+    assert_pass(capsys, checks.lora_linear_layer.passed, Good)
+    assert_fail(capsys, checks.lora_linear_layer.passed, Biased, "biases")
+    assert_fail(capsys, checks.lora_linear_layer.passed, UpRandom, "up.weight does not start at zero")
+    assert_fail(capsys, checks.lora_linear_layer.passed, DownZero, "standard deviation 0")
+    assert_fail(capsys, checks.lora_linear_layer.passed, Swapped, "output")
+
+
+def test_faceid_trainable_checker_names_the_part_left_out(capsys):
+    from ipa_lab import checks
+    from ipa_lab.adapter import hidden_size_of
+
+    def count(unet, rank, id_dim, tokens, parts=("proj", "ip", "self", "cross")):
+        cross = unet.config.cross_attention_dim
+        total = (id_dim * 2 * id_dim + 2 * id_dim + 2 * id_dim * tokens * cross + tokens * cross + 2 * cross
+                 if "proj" in parts else 0)
+        for name in unet.attn_processors:
+            width = hidden_size_of(name, unet.config)
+            is_cross = name.endswith("attn2.processor")
+            context = cross if is_cross else width
+            if ("cross" if is_cross else "self") in parts:
+                total += rank * 2 * width * 2 + rank * (context + width) * 2
+            if is_cross and "ip" in parts:
+                total += 2 * context * width
+        return total
+
+    assert_pass(capsys, checks.faceid_trainable, count)
+    assert_todo(capsys, checks.faceid_trainable)
+    assert_fail(capsys, checks.faceid_trainable, lambda *a: count(*a, parts=("proj", "ip", "cross")),
+                "the LoRA of the self-attention layers")
+    assert_fail(capsys, checks.faceid_trainable, lambda *a: count(*a, parts=("proj", "self", "cross")), "to_k_ip")
+    assert_fail(capsys, checks.faceid_trainable, lambda *a: count(*a, parts=("ip", "self", "cross")), "the projection")

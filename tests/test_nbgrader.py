@@ -77,8 +77,8 @@ def test_a_lesson_is_autograded_with_the_checkers_verdict_as_feedback(tmp_path):
     with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
         scores = {s: (gb.find_submission("lesson01", s).score, gb.find_submission("lesson01", s).max_score)
                   for s in ("alice", "bob")}
-    assert scores["alice"] == (2.0, 2.0)  # ImageProjModel is a build exercise: 2 points
-    assert scores["bob"] == (0.0, 2.0)
+    assert scores["alice"] == (4.0, 4.0)  # two exercises, 2 points each
+    assert scores["bob"] == (2.0, 4.0)  # ImageProjModel fails; the parameter count still passes
     feedback = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "feedback" / "bob" / "lesson01" /
                                                       lesson.replace(".ipynb", ".html")).read_text()))
     assert "FAIL image_proj_model: the output for the toy" in feedback

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from .core import CheckFailed, expect, expect_close, expect_equal, expect_shape, grade, set_language
 from .nb00_overview import latent_shape, encoder_hidden_states_shape
-from .nb01_image_projection import image_proj_model
+from .nb01_image_projection import image_proj_model, image_proj_parameters
 from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention, ip_attn_processor, install_ip_adapter
 from .nb03_freeze_and_count import params_to_opt, prepare_training
 from .nb04_training_loop import drop_decision, noisy_latents, training_step, train_loop
@@ -45,7 +45,7 @@ from .nb09_which_layers_matter import only_layers, layers_for
 
 __all__ = [
     "latent_shape", "encoder_hidden_states_shape",
-    "image_proj_model",
+    "image_proj_model", "image_proj_parameters",
     "hidden_size_of", "decoupled_attention", "ip_attn_processor", "install_ip_adapter",
     "params_to_opt", "prepare_training",
     "drop_decision", "noisy_latents", "training_step", "train_loop",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (CheckFailed, LearnerFunction, LearnerRaised, builds, expect, expect_close, expect_shape, first_line,
-                   learner_code, tr, zh_word)
+from .core import (CheckFailed, LearnerFunction, LearnerRaised, builds, checker, expect, expect_close, expect_shape,
+                   first_line, learner_code, tr, zh_word)
 
 # (cross_attention_dim, clip_embeddings_dim, clip_extra_context_tokens, what): the notebook's toy
 # first, then sizes where a hard-coded 64, 32 or 4 shows, then SD 1.5 with ViT-H/14. `what` is
@@ -200,3 +200,39 @@ def image_proj_model(cls) -> str:
               "(its checkpoints load); checked against diffusers' ImageProjection with the same weights.",
               "proj -> reshape 成 (batch, tokens, dim) -> 对每个 token 做 norm，参数名与原版一致（原版检查点可以加载）；"
               "已与使用相同权重的 diffusers ImageProjection 对照。")
+
+
+@checker
+def image_proj_parameters(fn) -> str:
+    """fn(clip_embeddings_dim, cross_attention_dim, num_tokens) -> the number of parameters of ImageProjModel at those sizes.
+
+    中文：fn(clip_embeddings_dim, cross_attention_dim, num_tokens) -> 这些尺寸下 ImageProjModel 的参数个数。"""
+    cases = [(32, 64, 4, ("the toy", "玩具模型")), (1024, 768, 4, ("SD 1.5 with ViT-H/14", "SD 1.5 配 ViT-H/14")),
+             (1280, 2048, 4, ("SDXL with ViT-bigG/14", "SDXL 配 ViT-bigG/14")), (48, 16, 6, ("48 -> 6 x 16", "48 -> 6 x 16"))]
+    for embed_dim, dim, tokens, (what_en, what_zh) in cases:
+        what = tr(what_en, what_zh)
+        weight, bias, norm = embed_dim * tokens * dim, tokens * dim, 2 * dim
+        want = weight + bias + norm
+        got = fn(embed_dim, dim, tokens)
+        expect(isinstance(got, int) and not isinstance(got, bool), tr(
+            f"return a whole number (int), got {got!r}", f"应返回整数（int），实际得到 {got!r}"))
+        sizes = tr(f"for {what} ({embed_dim} -> {tokens} x {dim})", f"对于{what}（{embed_dim} -> {tokens} x {dim}）")
+        expect(got != want - bias, tr(f"{sizes} you count {got:,}: proj's bias is missing ({bias:,} = num_tokens x "
+                                      "cross_attention_dim, one per output of the linear layer)",
+                                      f"{sizes}你数出 {got:,}：漏了 proj 的偏置（{bias:,} = num_tokens x "
+                                      "cross_attention_dim，线性层每个输出一个）"))
+        expect(got not in (want - norm, want - norm // 2), tr(
+            f"{sizes} you count {got:,}: the LayerNorm's weight and bias are missing or half counted (2 x "
+            f"cross_attention_dim = {norm:,})",
+            f"{sizes}你数出 {got:,}：LayerNorm 的权重和偏置漏了或只算了一半（2 x cross_attention_dim = {norm:,}）"))
+        expect(got != weight + bias + 2 * tokens * dim or tokens == 1, tr(
+            f"{sizes} you count {got:,}: the LayerNorm is one per token width, shared by all tokens: 2 x "
+            "cross_attention_dim, not 2 x num_tokens x cross_attention_dim",
+            f"{sizes}你数出 {got:,}：LayerNorm 按单个 token 的宽度计，由所有 token 共享：是 2 x cross_attention_dim，"
+            "而不是 2 x num_tokens x cross_attention_dim"))
+        expect(got == want, tr(f"{sizes} expected {want:,} (proj.weight {weight:,} + proj.bias {bias:,} + norm {norm:,}), "
+                               f"got {got:,}",
+                               f"{sizes}应为 {want:,}（proj.weight {weight:,} + proj.bias {bias:,} + norm {norm:,}），"
+                               f"你得到 {got:,}"))
+    return tr("D x T x C + T x C + 2 C: almost all of it proj.weight.",
+              "D x T x C + T x C + 2 C：几乎全部在 proj.weight 里。")
