@@ -170,3 +170,20 @@ def test_static_training_bytes_names_gradients_at_the_frozen_width(capsys):
                 "trainable weights and their gradients with frozen_bytes_per_param")
     assert_fail(capsys, checks.static_training_bytes, lambda f, t, b: f * b + 12 * t,
                 "left out the trainable weights' gradients")
+
+
+
+def test_resampler_parameters(capsys):
+    def count(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult, leave_out=()):
+        inner = heads * dim_head
+        attention = (0 if "norms" in leave_out else 4 * dim) + 4 * dim * (dim if "narrow" in leave_out else inner)
+        feed_forward = (0 if "norms" in leave_out else 2 * dim) + 2 * dim * int(dim * ff_mult)
+        return ((0 if "latents" in leave_out else num_queries * dim) + embedding_dim * dim + dim
+                + depth * (attention + feed_forward) + dim * output_dim + output_dim + 2 * output_dim)
+
+    assert_pass(capsys, checks.resampler_parameters, count)
+    assert_todo(capsys, checks.resampler_parameters)
+    assert_fail(capsys, checks.resampler_parameters, lambda *a: count(*a, leave_out=("latents",)), "latents")
+    assert_fail(capsys, checks.resampler_parameters, lambda *a: count(*a, leave_out=("norms",)), "LayerNorms inside")
+    assert_fail(capsys, checks.resampler_parameters, lambda *a: count(*a, leave_out=("narrow",)), "inner width")
+    assert_fail(capsys, checks.resampler_parameters, lambda *a: count(*a) + a[1] * (int(a[0] * a[7]) + a[0]), "no bias")

@@ -38,7 +38,7 @@ from .nb02_decoupled_cross_attention import hidden_size_of, decoupled_attention,
 from .nb03_freeze_and_count import params_to_opt, prepare_training
 from .nb04_training_loop import drop_decision, noisy_latents, training_step, train_loop
 from .nb05_inference import compose_prompt_embeds, unconditional_image_tokens, guidance, sampling_loop
-from .nb06_ip_adapter_plus import perceiver_attention
+from .nb06_ip_adapter_plus import perceiver_attention, resampler_parameters
 from .nb07_going_real import global_batch, adamw_state_bytes, static_training_bytes
 from .nb08_ip_adapter_family import lora_linear_layer, faceid_trainable
 from .nb09_which_layers_matter import only_layers, layers_for
@@ -50,7 +50,7 @@ __all__ = [
     "params_to_opt", "prepare_training",
     "drop_decision", "noisy_latents", "training_step", "train_loop",
     "compose_prompt_embeds", "unconditional_image_tokens", "guidance", "sampling_loop",
-    "perceiver_attention",
+    "perceiver_attention", "resampler_parameters",
     "global_batch", "adamw_state_bytes", "static_training_bytes",
     "lora_linear_layer", "faceid_trainable",
     "only_layers", "layers_for",

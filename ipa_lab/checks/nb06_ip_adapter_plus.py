@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import CheckFailed, builds, expect, expect_shape, learner_code, tr
+from .core import CheckFailed, builds, checker, expect, expect_shape, learner_code, tr
 
 # (what, keyword arguments): the toy Plus's size, and two small ones that catch hard-coded sizes
 # (`what` is an (English, Chinese) pair, put through `tr` when the check runs)
@@ -185,3 +185,61 @@ def perceiver_attention(cls) -> str:
               "dim_head ** -0.25, softmax over the keys; the original's parameter names, so the Plus checkpoints load.",
               "查询来自 latents，键和值来自 [图像特征; latents]，q 和 k 各乘 dim_head ** -0.25，softmax 在键上做；"
               "参数名与原版一致，所以 Plus 的检查点能加载。")
+
+
+def _resampler_parts(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult) -> dict[str, int]:
+    inner = dim_head * heads
+    attention = 2 * 2 * dim + dim * inner + dim * 2 * inner + inner * dim  # norm1, norm2, to_q, to_kv, to_out
+    hidden = int(dim * ff_mult)
+    feed_forward = 2 * dim + dim * hidden + hidden * dim  # LayerNorm, two linears without bias
+    return {"latents": num_queries * dim, "proj_in": embedding_dim * dim + dim, "proj_out": dim * output_dim + output_dim,
+            "norm_out": 2 * output_dim, "layers": depth * (attention + feed_forward), "attention": depth * attention,
+            "norms": depth * (2 * 2 * dim + 2 * dim)}
+
+
+@checker
+def resampler_parameters(fn) -> str:
+    """fn(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult) -> the Resampler's parameter count.
+
+    中文：fn(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult) -> Resampler 的参数个数。"""
+    cases = [((64, 4, 64, 12, 16, 64, 64, 4), ("the toy", "玩具模型")),
+             ((768, 4, 64, 12, 16, 1280, 768, 4), ("SD 1.5 Plus", "SD 1.5 Plus")),
+             ((1280, 4, 64, 20, 16, 1280, 2048, 4), ("SDXL Plus", "SDXL Plus")),
+             ((32, 2, 16, 2, 8, 48, 24, 2), ("a small one (dim 32, 2 layers, 2 heads of 16, 8 queries)",
+                                            "一个小的（dim 32，2 层，2 个宽 16 的头，8 个查询）"))]
+    for args, (what_en, what_zh) in cases:
+        what = tr(what_en, what_zh)
+        parts = _resampler_parts(*args)
+        want = parts["latents"] + parts["proj_in"] + parts["proj_out"] + parts["norm_out"] + parts["layers"]
+        got = fn(*args)
+        expect(isinstance(got, int) and not isinstance(got, bool), tr(
+            f"return a whole number (int), got {got!r}", f"应返回整数（int），实际得到 {got!r}"))
+        dim, depth, dim_head, heads = args[:4]
+        missing = {"latents": ("the learned queries, latents (num_queries x dim)", "可学习的查询 latents（num_queries x dim）"),
+                   "norms": ("the LayerNorms inside the layers (two in each attention, one in each feed-forward)",
+                             "层内的 LayerNorm（每个注意力层两个，每个前馈层一个）"),
+                   "norm_out": ("norm_out, the final LayerNorm", "norm_out，最后的 LayerNorm")}
+        for part, (en, zh) in missing.items():
+            expect(got != want - parts[part], tr(f"for {what} you count {got:,}: {parts[part]:,} short, exactly {en}",
+                                                 f"对于{what}，你数出 {got:,}：少了 {parts[part]:,}，正好是{zh}"))
+        narrow = dim * dim + dim * 2 * dim + dim * dim  # attention projections as if inner were dim
+        wide = dim * dim_head * heads * 4
+        expect(dim_head * heads == dim or got != want - depth * (wide - narrow), tr(
+            f"for {what} you count {got:,}: the attention's inner width is heads x dim_head = {dim_head * heads}, "
+            f"not dim = {dim}",
+            f"对于{what}，你数出 {got:,}：注意力的内部宽度是 heads x dim_head = {dim_head * heads}，而不是 dim = {dim}"))
+        inner, hidden = dim_head * heads, int(dim * args[7])
+        expect(got not in (want + depth * (hidden + dim), want + depth * (3 * inner + dim),
+                           want + depth * (hidden + dim + 3 * inner + dim)),
+               tr(f"for {what} you count {got:,}: the linears inside the layers (to_q, to_kv, to_out and the "
+                  "feed-forward's two) have no bias (bias=False)",
+                  f"对于{what}，你数出 {got:,}：层内的线性层（to_q、to_kv、to_out 和前馈层的两个）没有偏置（bias=False）"))
+        expect(got == want, tr(f"for {what} expected {want:,}, got {got:,} (latents {parts['latents']:,}, proj_in "
+                               f"{parts['proj_in']:,}, {depth} layers {parts['layers']:,} of which attention "
+                               f"{parts['attention']:,}, proj_out {parts['proj_out']:,}, norm_out {parts['norm_out']:,})",
+                               f"对于{what}，应为 {want:,}，你得到 {got:,}（latents {parts['latents']:,}，proj_in "
+                               f"{parts['proj_in']:,}，{depth} 层共 {parts['layers']:,}，其中注意力 {parts['attention']:,}，"
+                               f"proj_out {parts['proj_out']:,}，norm_out {parts['norm_out']:,}）"))
+    return tr("the attention, heads x dim_head wide inside, is most of it; the queries, the norms and the "
+              "projections in and out come on top.",
+              "大部分参数在注意力里（内部宽度 heads x dim_head）；查询、各个 norm 以及输入输出投影另算。")
