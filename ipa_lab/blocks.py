@@ -45,7 +45,7 @@ ATTRIBUTES = ("colour", "shape", "position", "size")
 SHIPPED = REPO_ROOT / "data" / "ip-adapter-toy" / "ip_adapter.safetensors"
 SHIPPED_PLUS = REPO_ROOT / "data" / "ip-adapter-toy-plus" / "ip_adapter.safetensors"
 DATA = REPO_ROOT / "data" / "shapes"
-STEPS = 15  # DDIM steps: notebook 5's setting; the full adapter scores the same as at 25 (see the CSV's "all" row)
+STEPS = 15  # DDIM steps of the shipped CSVs; the full adapter scores the same as at 25 (see the heat map's "all" row)
 
 # InstantStyle's settings for SD 1.5 (marked experimental in its repository), and the toy's layers at
 # the same depth: SD 1.5's deepest cross-attention down block is down_blocks.2, the toy's down_blocks.1;
