@@ -561,6 +561,11 @@ def image_proj_from_state_dict(state_dict: Mapping[str, torch.Tensor], dim_head:
                 "(norm.weight): it cannot be cut into tokens")
         model = ImageProjModel(cross_attention_dim=dim, clip_embeddings_dim=clip_dim,
                                clip_extra_context_tokens=rows // dim)
+    elif any(key.startswith("perceiver_resampler.") for key in sd) or "proj.3.weight" in sd:
+        kind = "FaceID-Plus (ProjPlusModel)" if "proj.3.weight" not in sd else "Full-face (MLPProjModel)"
+        raise CheckpointMismatchError(
+            f"image_proj is a {kind} projection: ipa_lab builds it (ipa_lab.faceid, ipa_lab.projection; notebook 8) "
+            "but does not sample with it; diffusers' load_ip_adapter loads it")
     elif {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(sd):  # FaceID's MLPProjModel
         from .faceid import MLPProjModel as FaceIDProjModel
 

@@ -43,16 +43,20 @@ def diffusers_ip_adapter(pipe, checkpoint):
     A FaceID checkpoint's LoRA goes into the UNet's own linear layers through PEFT (adapter
     "faceid_0"); `unload_ip_adapter` leaves it there, so `unload_lora_weights()` takes it out too.
     """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.utils import USE_PEFT_BACKEND
+
     state = read_checkpoint(checkpoint)
+    if _has_lora(state) and not USE_PEFT_BACKEND:  # diffusers would only log a warning and skip the LoRA
+        raise RuntimeError("this is a FaceID checkpoint: diffusers loads its LoRA through PEFT, which is not "
+                           "installed; pip install peft (the course pins peft==0.21.2: pip install -e \".[course]\")")
     saved_processors = pipe.unet.attn_processors
     saved_encoder = getattr(pipe, "image_encoder", None)
     saved_features = getattr(pipe, "feature_extractor", None)
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    # diffusers rebuilds each self-attention processor as `type(current)()`: start from plain ones
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
     try:
+        # diffusers rebuilds each self-attention processor as `type(current)()`: start from plain ones
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
         yield state
     finally:
         if _has_lora(state):

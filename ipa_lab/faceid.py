@@ -9,7 +9,8 @@ FaceID keeps IP-Adapter's decoupled cross-attention but changes two things:
   `install_ip_adapter(unet, lora_rank=...)` installs them).
 
 FaceID-Plus feeds the same MLP's tokens as queries to a Perceiver over CLIP's patch features
-(`ProjPlusModel`, `FacePerceiverResampler`); PlusV2 is the same weights with `shortcut=True`.
+(`ProjPlusModel`, `FacePerceiverResampler`); PlusV2 is a checkpoint of its own with the same
+architecture, used with `shortcut=True`.
 Names and parameter names are the original's (ip_adapter_faceid.py), so checkpoints load there
 and in diffusers (`IPAdapterFaceIDImageProjection`, the LoRA through PEFT).
 
@@ -47,6 +48,7 @@ class MLPProjModel(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        """(batch, id_embeddings_dim) identity embeddings -> (batch, num_tokens, cross_attention_dim) tokens."""
         if id_embeds.ndim != 2 or id_embeds.shape[-1] != self.id_embeddings_dim:
             raise ValueError(f"FaceID's MLPProjModel expects identity embeddings of shape (batch, "
                              f"{self.id_embeddings_dim}), got {tuple(id_embeds.shape)}")
@@ -105,6 +107,7 @@ class ProjPlusModel(nn.Module):
 
     def forward(self, id_embeds: torch.Tensor, clip_embeds: torch.Tensor, shortcut: bool = False,
                 scale: float = 1.0) -> torch.Tensor:
+        """id_embeds (batch, id dim), clip_embeds (batch, patches, clip dim) -> (batch, num_tokens, dim)."""
         tokens = self.norm(self.proj(id_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim))
         out = self.perceiver_resampler(tokens, clip_embeds)
         return tokens + scale * out if shortcut else out

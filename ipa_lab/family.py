@@ -33,7 +33,8 @@ class Variant:
     projection: str  # the projection's class, as named in the original
     feeds: str  # what the projection reads
     encoder: str | None = None  # image encoder config (CLIP), None when none is read
-    tokens: int = 4  # image tokens appended after the text tokens
+    tokens: int = 4  # image tokens appended after the text tokens (for all the images of a prompt)
+    images: int = 1  # images per prompt the projection's tokens are made for (FaceID-Portrait: 5 faces)
     lora_rank: int | None = None  # FaceID's LoRA on every attention layer
     script: str = ""  # official training script, or what the maintainers advise
     published: tuple[str, float] | None = None  # (fp16 file, size in MB) where known
@@ -55,8 +56,8 @@ VARIANTS = (
             "identity embedding (512) + CLIP patch features of the face", _H, 4, lora_rank=128,
             script="none; maintainers: adapt tutorial_train_faceid.py"),
     Variant("SD 1.5 FaceID-Portrait", "sd15_unet", "MLPProjModel (ip_adapter_faceid.py), 16 tokens per face",
-            "identity embeddings of 5 faces (5 x 512)", None, 80,
-            script="none in the repository (FaceID's projection, no LoRA)"),
+            "identity embeddings of 5 faces (5 x 512)", None, 80, images=5,
+            script="none; maintainers (issue #283): as FaceID, one face crop (2x the detection box) per sample"),
     Variant("SDXL (ViT-bigG)", "sdxl_unet", "ImageProjModel", "CLIP image embedding (ViT-bigG/14, 1280)", _G, 4,
             script="tutorial_train_sdxl.py", published=("ip-adapter_sdxl", 703.0)),
     Variant("SDXL (ViT-H)", "sdxl_unet", "ImageProjModel", "CLIP image embedding (ViT-H/14, 1024)", _H, 4,
@@ -82,20 +83,21 @@ def build_projection(v: Variant) -> nn.Module:
 
     cross = load_config(v.unet)["cross_attention_dim"]
     enc = load_config(v.encoder) if v.encoder else None
+    tokens = v.tokens // v.images  # the projection runs once per image (FaceID-Portrait: per face)
+    kind = v.projection.split(" (")[0].split(",")[0]
     with torch.device("meta"):
-        if v.projection == "ImageProjModel":
-            return ImageProjModel(cross, enc["projection_dim"], v.tokens)
-        if v.projection == "Resampler":  # IPAdapterPlus: dim = cross (12 heads); IPAdapterPlusXL: 1280 (20 heads)
+        if kind == "ImageProjModel":
+            return ImageProjModel(cross, enc["projection_dim"], tokens)
+        if kind == "Resampler":  # IPAdapterPlus: dim = cross (12 heads); IPAdapterPlusXL: 1280 (20 heads)
             dim, heads = (cross, 12) if cross <= 1024 else (1280, 20)
-            return Resampler(dim=dim, depth=4, dim_head=64, heads=heads, num_queries=v.tokens,
+            return Resampler(dim=dim, depth=4, dim_head=64, heads=heads, num_queries=tokens,
                              embedding_dim=enc["hidden_size"], output_dim=cross, ff_mult=4)
-        if v.projection.startswith("MLPProjModel (ip_adapter.py)"):
+        if kind == "MLPProjModel" and "ip_adapter.py" in v.projection:  # Full-face: one token per CLIP token
             return MLPProjModel(cross, enc["hidden_size"])
-        if v.projection.startswith("MLPProjModel (ip_adapter_faceid.py)"):
-            per_face = 16 if "Portrait" in v.name else v.tokens
-            return FaceIDProjModel(cross, 512, per_face)
-        if v.projection == "ProjPlusModel":
-            return ProjPlusModel(cross, 512, enc["hidden_size"], v.tokens)
+        if kind == "MLPProjModel":  # FaceID's (ip_adapter_faceid.py)
+            return FaceIDProjModel(cross, 512, tokens)
+        if kind == "ProjPlusModel":
+            return ProjPlusModel(cross, 512, enc["hidden_size"], tokens)
     raise ValueError(f"unknown projection {v.projection!r}")
 
 
@@ -103,7 +105,7 @@ def build_projection(v: Variant) -> nn.Module:
 def attention_counts(unet: str, lora_rank: int | None) -> dict[str, int]:
     """What the processors train in UNet `unet`: {'ip_branch', 'lora_self', 'lora_cross', 'layers'},
     counted on a meta UNet with the processors installed (cached: SDXL takes a few seconds)."""
-    from .adapter import count_parameters, install_ip_adapter
+    from .adapter import install_ip_adapter
 
     model = build_unet(unet)
     install_ip_adapter(model, lora_rank=lora_rank)

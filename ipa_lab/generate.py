@@ -33,6 +33,7 @@ from .adapter import install_ip_adapter, ip_processors
 from .attention import AttnProcessor
 from .checkpoint import CheckpointMismatchError, image_proj_from_state_dict, load_into, read_checkpoint
 from .encoders import image_features, unconditional_image_features
+from .faceid import MLPProjModel as FaceIDProjModel
 from .projection import ImageProjModel, Resampler, is_plus, num_tokens_of
 
 # Classifier-free guidance weight for the toy model. The paper samples SD 1.5 at 7.5; the toy
@@ -311,6 +312,8 @@ def unconditional_image_tokens(pipe, image_proj_model: nn.Module) -> torch.Tenso
     (`encoders.unconditional_image_features`: a zero embedding for the base model, the encoder's
     features of an all-zero input image for Plus), as in the original and in diffusers.
     These are also what the model saw in training whenever the image prompt was dropped."""
+    if isinstance(image_proj_model, FaceIDProjModel):  # FaceID's "no image": a zero identity embedding
+        return _project(image_proj_model, torch.zeros(1, image_proj_model.id_embeddings_dim))
     features = unconditional_image_features(_image_encoder(pipe), is_plus(image_proj_model))
     return _project(image_proj_model, features)
 
@@ -324,6 +327,10 @@ def encode_image_prompt(pipe, image_proj_model: nn.Module, images) -> tuple[torc
     projection. The unconditional tokens are the same for every image (see
     `unconditional_image_tokens`).
     """
+    if isinstance(image_proj_model, FaceIDProjModel):
+        raise ValueError("a FaceID adapter reads identity embeddings, not images: pass "
+                         "image_embeds=ipa_lab.recognition.identity_embeds(recognizer, images) (for the real "
+                         "FaceID, InsightFace's normed_embedding) instead of image")
     pixels = _clip_pixels(pipe, images)
     cond = _project(image_proj_model, image_features(pipe.image_encoder, pixels, is_plus(image_proj_model)))
     uncond = unconditional_image_tokens(pipe, image_proj_model).expand_as(cond)

@@ -104,11 +104,11 @@ def align(pixels: torch.Tensor, size: int = 32, margin: float = 1.25) -> torch.T
     finds them), `margin` times its extent, and resize it to `size` x `size`. Position and size
     are gone from the result by construction, as InsightFace's 112 x 112 aligned crop removes
     where the face was and how large. A picture with no shape pixels is used whole."""
-    from .metrics import _FOREGROUND
+    from .metrics import foreground
 
     b, _, h, w = pixels.shape
     background = torch.tensor(BACKGROUND, dtype=pixels.dtype).view(1, 3, 1, 1) / 255.0
-    mask = ((pixels - background) * 255).norm(dim=1) > _FOREGROUND  # (B, H, W)
+    mask = torch.from_numpy(np.stack([foreground(x * 2 - 1) for x in pixels]))  # (B, H, W): the shape's pixels
     rows, cols = mask.any(dim=2), mask.any(dim=1)  # which rows / columns hold shape pixels
     found = rows.any(dim=1)
 

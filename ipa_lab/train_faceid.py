@@ -6,9 +6,9 @@ and LoRA processors everywhere. Here the same, on the toy: `faceid_trainer` buil
 adapter's `Trainer` (same data, encoder cache, draws and recipe: `TrainConfig` defaults) and
 gives it FaceID's parts and inputs; the identity embedding is `ipa_lab.recognition`'s.
 
-`compare` asks what FaceID was built for: with an image prompt and a text that asks for another
-position and size, do the samples keep the prompt's colour and shape and follow the text's
-layout, where the base adapter copies the layout too?
+`compare` asks what FaceID was built for: with an image prompt and a caption that asks for
+another position and size and names no colour or shape, do the samples keep the prompt's colour
+and shape and follow the caption's layout, where the base adapter copies the layout too?
 
     python -m ipa_lab.train_faceid train --output data/ip-adapter-toy-faceid
     python -m ipa_lab.train_faceid compare --faceid data/ip-adapter-toy-faceid/ip_adapter.safetensors \
@@ -27,6 +27,7 @@ from .faceid import NUM_TOKENS, MLPProjModel
 
 # The toy's LoRA rank: its attention layers are 64 and 128 wide (SD 1.5's are 320 to 1280, rank 128).
 TOY_LORA_RANK = 8
+STEPS = 15  # DDIM steps for `compare`, as in notebooks 05 and 09
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +83,18 @@ def faceid_trainer(cfg, recognizer, lora_rank: int = TOY_LORA_RANK, backbone=Non
 # ---------------------------------------------------------------------------------------------
 # What a FaceID adapter takes from the image prompt, and what from the text
 # ---------------------------------------------------------------------------------------------
+def layout_caption(size: str, position: str) -> str:
+    """A caption that asks for a layout and nothing else: "a large in the top left". The toy's text
+    encoder was trained on full captions, yet this one still places the shape (the text-only row of
+    `compare`: position and size 1.00) and leaves colour and shape to the model's defaults."""
+    return f"a {size} in the {position}"
+
+
 def layout_prompts(records, n: int, seed: int = 0) -> tuple[list[int], list[str], list]:
-    """n validation items as image prompts, each with a caption that keeps its colour and shape
-    but asks for another position (and a random size): (indices, captions, the captions' specs)."""
+    """n validation items as image prompts, each with a caption (`layout_caption`) asking for
+    another position *and* another size than the image's, and naming no colour or shape.
+    Returns (indices, captions, specs): each spec has the image's colour and shape, the caption's
+    position and size."""
     from .data import POSITIONS, SIZES, ShapeSpec, parse_caption
 
     rng = random.Random(seed)
@@ -92,11 +102,18 @@ def layout_prompts(records, n: int, seed: int = 0) -> tuple[list[int], list[str]
     for i in range(min(n, len(records))):
         spec = parse_caption(records[i]["text"])
         position = rng.choice([p for p in POSITIONS if p != spec.position])
-        asked = ShapeSpec(spec.colour, spec.shape, position, rng.choice(list(SIZES)))
+        size = next(z for z in SIZES if z != spec.size)  # two sizes: the other one
         indices.append(i)
-        captions.append(asked.caption)
-        specs.append(asked)
+        captions.append(layout_caption(size, position))
+        specs.append(ShapeSpec(spec.colour, spec.shape, position, size))
     return indices, captions, specs
+
+
+def chance() -> dict[str, float]:
+    """Agreement by chance for each attribute: one over the number of values it takes."""
+    from .data import COLOURS, POSITIONS, SHAPES, SIZES
+
+    return {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), "size": 1 / len(SIZES)}
 
 
 def _agreement(samples, expected) -> dict:
@@ -106,11 +123,13 @@ def _agreement(samples, expected) -> dict:
 
 
 @torch.no_grad()
-def compare(pipe, base_checkpoint, faceid_checkpoint, recognizer, records, root, n: int = 64, steps: int = 25,
-            seed: int = 0) -> list[dict]:
-    """The table of notebook 8: for the base adapter, the FaceID adapter and the text alone, the
-    agreement of the samples with the image prompt (empty text; and with a text asking for another
-    layout) and with that text. One sample per prompt, the same seeds for every row."""
+def compare(pipe, base_checkpoint, faceid_checkpoint, recognizer, records, root, n: int = 64, steps: int = STEPS,
+            seed: int = 0, scales=(1.0, 3.0)) -> list[dict]:
+    """The table of notebook 8: for the base adapter and the FaceID adapter, the agreement of the
+    samples with the image prompt, with an empty text (λ = 1) and with a caption that asks for another
+    position and size and names no colour or shape (at each λ of `scales`), and with that caption's
+    layout; then the caption alone (adapter off) and chance. One sample per prompt, the same noise
+    for every row."""
     from .data import load_rgb, parse_caption
     from .generate import generate, load_adapter, remove_adapter
     from .recognition import identity_embeds
@@ -119,24 +138,29 @@ def compare(pipe, base_checkpoint, faceid_checkpoint, recognizer, records, root,
     images = [load_rgb(Path(root) / records[i]["image_file"]) for i in indices]
     shown = [parse_caption(records[i]["text"]) for i in indices]
     ids = identity_embeds(recognizer, images)
+    attributes = ("colour", "shape", "position", "size")
     rows = []
-    for name, checkpoint in (("base adapter", base_checkpoint), ("FaceID adapter", faceid_checkpoint),
-                             ("text only (adapter off)", base_checkpoint)):
+
+    def measure(adapter, prompt_name, proj, prompt, scale, **image):
+        out = generate(pipe, proj, prompt=prompt, scale=scale, num_samples=1, seed=seed, num_inference_steps=steps,
+                       **image)
+        with_image, with_text = _agreement(out, shown), _agreement(out, asked)
+        row = {"adapter": adapter, "prompt": prompt_name, "λ": scale}
+        row.update({f"{a} = image": with_image[a] for a in attributes})
+        row.update({f"{a} = text": with_text[a] if prompt else None for a in ("position", "size")})
+        rows.append(row)
+
+    for adapter, checkpoint, image in (("base adapter", base_checkpoint, {"image": images}),
+                                       ("FaceID adapter", faceid_checkpoint, {"image_embeds": ids})):
         proj = load_adapter(pipe, checkpoint)
-        kwargs = {"image_embeds": ids} if name.startswith("FaceID") else {"image": images}
-        scale = 0.0 if name.startswith("text") else 1.0
-        for condition, prompt in (("image, empty text", ""), ("image + text asking another layout", captions)):
-            if scale == 0 and prompt == "":
-                continue
-            out = generate(pipe, proj, prompt=prompt, scale=scale, num_samples=1, seed=seed,
-                           num_inference_steps=steps, **kwargs)
-            with_image, with_text = _agreement(out, shown), _agreement(out, asked)
-            row = {"adapter": name, "prompt": condition}
-            row.update({f"{a} = image": with_image[a] for a in ("colour", "shape", "position", "size")})
-            if prompt:
-                row.update({f"{a} = text": with_text[a] for a in ("position", "size")})
-            rows.append(row)
+        measure(adapter, "image, empty text", proj, "", 1.0, **image)
+        for scale in scales:
+            measure(adapter, "image + a caption asking another layout", proj, captions, scale, **image)
+    measure("text only (adapter off)", "the caption alone", load_adapter(pipe, base_checkpoint), captions, 0.0)
     remove_adapter(pipe)
+    p = chance()
+    rows.append({"adapter": "chance", "prompt": "", "λ": None, **{f"{a} = image": p[a] for a in attributes},
+                 "position = text": p["position"], "size = text": p["size"]})
     return rows
 
 

@@ -108,11 +108,19 @@ CLAIMS = [
     ("08_ip_adapter_family", "0.283", "08_ip_adapter_family", "f8a1c0ef", "0.283"),
     ("08_ip_adapter_family", "0.250", "08_ip_adapter_family", "f8a1c0ef", "0.250"),
     ("08_ip_adapter_family", "0.922", "08_ip_adapter_family", "f8a1c0ef", "0.922"),
+    ("08_ip_adapter_family", "1.00", "08_ip_adapter_family", "f8a1c0f3", "1.000"),
     ("08_ip_adapter_family", "0.95", "08_ip_adapter_family", "f8a1c0f3", "0.953"),
-    ("08_ip_adapter_family", "0.34", "08_ip_adapter_family", "f8a1c0f3", "0.344"),
-    ("08_ip_adapter_family", "0.62", "08_ip_adapter_family", "f8a1c0f3", "0.625"),
-    ("08_ip_adapter_family", "0.52", "08_ip_adapter_family", "f8a1c0f3", "0.516"),
     ("08_ip_adapter_family", "0.36", "08_ip_adapter_family", "f8a1c0f3", "0.359"),
+    ("08_ip_adapter_family", "0.61", "08_ip_adapter_family", "f8a1c0f3", "0.609"),
+    ("08_ip_adapter_family", "0.98", "08_ip_adapter_family", "f8a1c0f3", "0.984"),
+    ("08_ip_adapter_family", "0.25", "08_ip_adapter_family", "f8a1c0f3", "0.250"),
+    ("08_ip_adapter_family", "0.28", "08_ip_adapter_family", "f8a1c0f3", "0.281"),
+    ("08_ip_adapter_family", "0.17", "08_ip_adapter_family", "f8a1c0f3", "0.172"),
+    ("08_ip_adapter_family", "0.97", "08_ip_adapter_family", "f8a1c0f3", "0.969"),
+    ("08_ip_adapter_family", "0.03", "08_ip_adapter_family", "f8a1c0f3", "0.031"),
+    ("08_ip_adapter_family", "0.80", "08_ip_adapter_family", "f8a1c0f3", "0.797"),
+    ("08_ip_adapter_family", "0.59", "08_ip_adapter_family", "f8a1c0f3", "0.594"),
+    ("08_ip_adapter_family", "0.84", "08_ip_adapter_family", "f8a1c0f3", "0.844"),
 ]
 
 

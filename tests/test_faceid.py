@@ -385,3 +385,94 @@ def test_faceid_trainable_checker_names_the_part_left_out(capsys):
                 "the LoRA of the self-attention layers")
     assert_fail(capsys, checks.faceid_trainable, lambda *a: count(*a, parts=("proj", "self", "cross")), "to_k_ip")
     assert_fail(capsys, checks.faceid_trainable, lambda *a: count(*a, parts=("ip", "self", "cross")), "the projection")
+
+
+# ------------------------------------------------------------------------------- review follow-ups
+def test_layout_prompts_ask_for_another_position_and_size_and_name_no_identity():
+    from ipa_lab.data import COLOURS, SHAPES, parse_caption, read_records
+    from ipa_lab.train_faceid import layout_prompts
+
+    records = read_records(DATA / "val.json")
+    indices, captions, asked = layout_prompts(records, 32)
+    for i, caption, spec in zip(indices, captions, asked):
+        shown = parse_caption(records[i]["text"])
+        assert (spec.colour, spec.shape) == (shown.colour, shown.shape)
+        assert spec.position != shown.position and spec.size != shown.size
+        assert caption == f"a {spec.size} in the {spec.position}"
+        assert not set(caption.split()) & (set(COLOURS) | set(SHAPES))
+
+
+def test_align_centres_and_scales_every_layout_alike():
+    from ipa_lab.data import POSITIONS, SIZES, ShapeSpec, render_shape
+    from ipa_lab.metrics import foreground
+    from ipa_lab.recognition import align, to_pixels
+
+    crops = align(to_pixels([render_shape(ShapeSpec("green", "square", p, z)) for p in POSITIONS for z in SIZES]))
+    for crop in crops:
+        ys, xs = np.nonzero(foreground(crop * 2 - 1))
+        assert abs(ys.mean() - 15.5) < 1.5 and abs(xs.mean() - 15.5) < 1.5  # centred
+        assert 20 <= ys.max() - ys.min() + 1 <= 28  # about 32 / 1.25 px across, whatever the size
+
+
+def test_faceid_trainer_trains_the_lora_everywhere_and_nothing_frozen(toy_model, toy_data, tmp_path, recognizer):
+    from ipa_lab.train import TrainConfig
+    from ipa_lab.train_faceid import faceid_trainer
+
+    cfg = TrainConfig(model=toy_model, data=toy_data, output=str(tmp_path / "run"), steps=2, batch_size=4,
+                      device="cpu", verify_frozen=0, cache_dir=str(tmp_path / "cache"))
+    trainer = faceid_trainer(cfg, recognizer, lora_rank=4)
+    trainable = {n for n, p in trainer.ip_adapter.named_parameters() if p.requires_grad}
+    assert any(".attn1.processor.to_q_lora." in n for n in trainable)  # self-attention trains now
+    assert any(n.endswith("to_k_ip.weight") for n in trainable) and any(n.startswith("image_proj_model.") for n in trainable)
+    result = trainer.run(progress=False)
+    assert result.report["frozen_changed"] == [] and result.report["trainable_unmoved"] == []
+    from ipa_lab.checkpoint import load_ip_adapter
+
+    state = load_ip_adapter(tmp_path / "run" / "ip_adapter.safetensors")
+    assert "0.to_q_lora.up.weight" in state["ip_adapter"] and "proj.0.weight" in state["image_proj"]
+
+
+def test_faceid_samples_without_an_image_and_refuses_pixels(toy_pipe):
+    from ipa_lab.generate import generate, load_adapter, remove_adapter
+
+    proj = load_adapter(toy_pipe, SHIPPED_FACEID)
+    out = generate(toy_pipe, proj, prompt="a small red circle in the top left", num_samples=1, num_inference_steps=2,
+                   output_type="np")  # "no image": a zero identity embedding
+    assert out.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="reads identity embeddings, not images"):
+        generate(toy_pipe, proj, image=[np.zeros((32, 32, 3), np.uint8)], num_samples=1, num_inference_steps=2)
+    remove_adapter(toy_pipe)
+
+
+def test_faceid_plus_and_full_face_checkpoints_are_named_not_misread():
+    from ipa_lab.checkpoint import CheckpointMismatchError, image_proj_from_state_dict
+    from ipa_lab.projection import MLPProjModel as FullFaceProjModel
+
+    plus = ProjPlusModel(cross_attention_dim=128, id_embeddings_dim=32, clip_embeddings_dim=48)
+    with pytest.raises(CheckpointMismatchError, match="FaceID-Plus"):
+        image_proj_from_state_dict(plus.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="Full-face"):
+        image_proj_from_state_dict(FullFaceProjModel(64, 48).state_dict())
+
+
+def test_a_failed_diffusers_load_puts_our_adapter_back(toy_pipe):
+    from ipa_lab.checkpoint import load_ip_adapter
+    from ipa_lab.diffusers_path import diffusers_ip_adapter
+    from ipa_lab.generate import load_adapter, remove_adapter
+
+    load_adapter(toy_pipe, SHIPPED_FACEID)
+    before = dict(toy_pipe.unet.attn_processors)
+    state = load_ip_adapter(SHIPPED_FACEID)
+    state["ip_adapter"]["1.to_k_ip.weight"] = torch.zeros(3, 3)  # diffusers cannot load this
+    with pytest.raises(Exception):
+        with diffusers_ip_adapter(toy_pipe, state):
+            pass
+    assert all(toy_pipe.unet.attn_processors[n] is p for n, p in before.items())
+    remove_adapter(toy_pipe)
+
+
+def test_portrait_total_and_the_fp16_column():
+    rows = {r["variant"]: r for r in family_table()}
+    portrait = rows["SD 1.5 FaceID-Portrait"]
+    assert portrait["total"] == 13_122_048 + 19_169_280 and portrait["tokens"] == 80
+    assert all(r["fp16 MB (2 bytes each)"] == round(2 * r["total"] / 1e6, 1) for r in rows.values())

@@ -100,12 +100,16 @@ def _unet(name: str):
 
 
 def _parts(unet_name: str, rank: int, id_dim: int, tokens: int) -> dict[str, int]:
+    """The reference, built and counted: the processors (`ipa_lab.family`) and FaceID's projection (meta)."""
+    from ..adapter import count_parameters
+    from ..faceid import MLPProjModel
     from ..family import attention_counts
 
     cross = _unet(unet_name).config.cross_attention_dim
     counts = dict(attention_counts(unet_name, rank))
     counts.pop("layers")
-    counts["projection"] = id_dim * 2 * id_dim + 2 * id_dim + 2 * id_dim * tokens * cross + tokens * cross + 2 * cross
+    with torch.device("meta"):
+        counts["projection"] = count_parameters(MLPProjModel(cross, id_dim, tokens))
     return counts
 
 
