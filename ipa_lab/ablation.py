@@ -35,11 +35,11 @@ bad flag fails at once.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
+from .results import read_csv, write_csv  # noqa: F401  (notebooks import read_csv from here too)
 
 EXPERIMENTS = ("concat", "init", "recipe", "plus")
 CONDITIONS = ("image only", "text + image")
@@ -254,33 +254,6 @@ RUNS = {"concat": run_concat, "init": run_init, "recipe": run_recipe, "plus": ru
 
 
 # ----------------------------------------------------------------------------- files and the command line
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows -> a CSV (floats to 4 decimals: the measurements are no finer), written atomically."""
-    from .checkpoint import write_atomically
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-
-    write_atomically(path, write)
-
-
-def read_csv(path) -> list[dict]:
-    """A CSV written by this module, numbers as numbers (for the notebooks' tables)."""
-    def number(text: str):
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
-    with open(path, newline="") as f:
-        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before anything heavy loads (argparse exits with the message)."""
     from .pipeline import REPO_ROOT, resolve_model

@@ -24,7 +24,6 @@ The toy's attributes can be measured, so the question gets numbers here:
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from .generate import DEFAULT_GUIDANCE_SCALE, attention_blocks, attention_layer,
     load_adapter, sample_generators
 from .metrics import agreement, classify
 from .pipeline import REPO_ROOT, TOY_SD, load_pipeline
+from .results import read_csv, write_csv  # noqa: F401  (notebooks import read_csv from here too)
 
 ATTRIBUTES = ("colour", "shape", "position", "size")
 SHIPPED = REPO_ROOT / "data" / "ip-adapter-toy" / "ip_adapter.safetensors"
@@ -331,35 +331,6 @@ def two_adapters(pipe, checkpoints, records, root, scales, n: int = 32, steps: i
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def write_csv(path, rows: list[dict], digits: int = 4) -> Path:
-    """Rows -> a CSV (columns in first-seen order, floats rounded), folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()})
-    return path
-
-
-def read_csv(path) -> list[dict]:
-    """A CSV written by `write_csv`, numbers back as floats (ints stay ints), blanks as None."""
-    def value(v: str):
-        if v == "":
-            return None
-        for kind in (int, float):
-            try:
-                return kind(v)
-            except ValueError:
-                pass
-        return v
-
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ipa_lab.blocks", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("heatmap", "train", "masks", "adapters"))

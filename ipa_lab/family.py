@@ -146,7 +146,8 @@ def family_table(variants=VARIANTS) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from .tables import format_table, write_csv
+    from .results import write_csv
+    from .tables import format_table
 
     parser = argparse.ArgumentParser(prog="python -m ipa_lab.family", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="CSV to write (the table is printed either way)")

@@ -243,7 +243,7 @@ def main(argv=None) -> None:
     model = train_recognizer(args.data, steps=args.steps, seed=args.seed)
     save_recognizer(model, args.output)
     rows = probe_table(model, args.data)
-    from .tables import write_csv
+    from .results import write_csv
 
     write_csv(Path(args.output) / "probe.csv", rows)
     print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))

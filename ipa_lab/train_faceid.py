@@ -205,7 +205,7 @@ def main(argv=None) -> None:
         return
     from .data import read_records
     from .pipeline import load_pipeline
-    from .tables import write_csv
+    from .results import write_csv
 
     pipe = load_pipeline()
     rows = compare(pipe, REPO_ROOT / "data" / "ip-adapter-toy" / "ip_adapter.safetensors", args.faceid,

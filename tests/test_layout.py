@@ -25,8 +25,9 @@ ORDER = [
     "encoders",  # the frozen encoders' outputs
     "metrics",  # what a picture shows
     "adapter",  # install, find, freeze, count
-    "family",  # every IP-Adapter variant, counted
     "checkpoint",  # save, read, load strictly
+    "results",  # the experiment commands' CSV files
+    "family",  # every IP-Adapter variant, counted
     "recognition",  # the toy's identity embedding
     "convert",  # the original trainer's checkpoints -> the adapter file
     "generate",  # sampling with our adapter
@@ -68,7 +69,7 @@ def test_each_moved_name_has_one_home():
     homes = {"read_checkpoint": "checkpoint", "image_proj_from_state_dict": "checkpoint", "load_into": "checkpoint",
              "_mismatches": "checkpoint", "num_tokens_of": "projection", "build_image_projection": "projection",
              "count_ip_adapter_parameters": "adapter", "ip_processors": "adapter", "is_ip_processor": "adapter",
-             "format_table": "tables", "classify": "metrics", "agreement": "metrics", "clip_score": "metrics",
+             "format_table": "tables", "write_csv": "results", "read_csv": "results", "classify": "metrics", "agreement": "metrics", "clip_score": "metrics",
              "generate_with_diffusers": "diffusers_path", "diffusers_ip_adapter": "diffusers_path",
              "unconditional_image_tokens": "generate", "encode_image_prompt": "generate"}
     defined: dict[str, list[str]] = {}
@@ -89,6 +90,7 @@ TRAINING = [
     "bench",  # the benchmarks
     "ablation",  # the paper's ablations and the course's recipe, measured
     "blocks",  # which layers matter: per-block scales, adapters in some blocks (notebook 9)
+    "train_faceid",  # FaceID trained and measured on the toy (notebook 8)
 ]
 
 
