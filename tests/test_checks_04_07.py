@@ -21,6 +21,17 @@ def drop_decision_solution(u, p_image, p_text, p_both):
     return False, False
 
 
+def drop_bands_from_zero(u, p_image, p_text, p_both):
+    """A wrong answer: each band tested from 0 (u < p_text, u < p_both), not from where the last ended."""
+    if u < p_image:
+        return True, False
+    if u < p_text:
+        return False, True
+    if u < p_both:
+        return True, True
+    return False, False
+
+
 def test_drop_decision(capsys):
     assert_pass(capsys, checks.drop_decision, drop_decision_solution)
     assert_todo(capsys, checks.drop_decision)
@@ -42,16 +53,7 @@ def test_drop_decision_names_bands_that_each_start_from_zero(capsys):
     def text_from_zero(u, p_image, p_text, p_both):
         return drop_decision_solution(u, p_image, p_text - p_image, p_both + p_image)  # ends p_image, p_text, sum
 
-    def all_from_zero(u, p_image, p_text, p_both):
-        if u < p_image:
-            return True, False
-        if u < p_text:
-            return False, True
-        if u < p_both:
-            return True, True
-        return False, False
-
-    for answer in (text_from_zero, all_from_zero):
+    for answer in (text_from_zero, drop_bands_from_zero):
         ok, out = verdict(capsys, checks.drop_decision, answer)
         assert ok is False and "running sum" in out and "exactly on the start" not in out, out
 

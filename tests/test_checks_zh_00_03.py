@@ -94,6 +94,14 @@ def zh_builds_fail(capsys, built, answer, *fragments) -> str:
     return zh_fail(capsys, built.passed, answer, *fragments, "笔记本继续使用 ipa_lab 的")
 
 
+def zh_builds_pass_and_todo(capsys, built, solution, reference) -> None:
+    """A build exercise in both languages: PASS for the notebook's solution and for the package's
+    own piece (the learner may hand either in), TODO for the stub."""
+    zh_pass(capsys, built.passed, solution)
+    zh_pass(capsys, built.passed, reference)
+    zh_todo(capsys, built.passed)
+
+
 # --- the switch ------------------------------------------------------------------------------
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "IPA_LAB_LANG"} | env
@@ -248,9 +256,7 @@ def test_encoder_hidden_states_shape(capsys):
 
 # --- notebook 01 ---------------------------------------------------------------------------
 def test_image_proj_model(capsys):
-    zh_pass(capsys, checks.image_proj_model.passed, b01.ImageProjModel)
-    zh_pass(capsys, checks.image_proj_model.passed, PackageProjection)
-    zh_todo(capsys, checks.image_proj_model.passed)
+    zh_builds_pass_and_todo(capsys, checks.image_proj_model, b01.ImageProjModel, PackageProjection)
     for todo in (b01.StubForward, b01.StubInit):
         assert in_both(capsys, checks.image_proj_model.passed, todo)[1].startswith("TODO image_proj_model: 尚未实现")
 
@@ -301,9 +307,7 @@ def test_decoupled_attention(capsys):
 
 
 def test_ip_attn_processor(capsys):
-    zh_pass(capsys, checks.ip_attn_processor.passed, b01.IPAttnProcessor)
-    zh_pass(capsys, checks.ip_attn_processor.passed, PackageProcessor)
-    zh_todo(capsys, checks.ip_attn_processor.passed)
+    zh_builds_pass_and_todo(capsys, checks.ip_attn_processor, b01.IPAttnProcessor, PackageProcessor)
     assert in_both(capsys, checks.ip_attn_processor.passed, b01.StubProcessorForward)[1].startswith(
         "TODO ip_attn_processor: 尚未实现")
 
@@ -321,9 +325,7 @@ def test_ip_attn_processor_in_chinese_words(capsys):
 
 
 def test_install_ip_adapter(capsys):
-    zh_pass(capsys, checks.install_ip_adapter.passed, b01.make_install())
-    zh_pass(capsys, checks.install_ip_adapter.passed, package_install)
-    zh_todo(capsys, checks.install_ip_adapter.passed)
+    zh_builds_pass_and_todo(capsys, checks.install_ip_adapter, b01.make_install(), package_install)
 
 
 @pytest.mark.parametrize("piece, fragments", wrong_answers(b01.test_install_ip_adapter_names_the_mistake))
@@ -365,9 +367,7 @@ def test_params_to_opt(capsys):
 
 
 def test_prepare_training(capsys):
-    zh_pass(capsys, checks.prepare_training.passed, b01.solution_prepare)
-    zh_pass(capsys, checks.prepare_training.passed, package_prepare)
-    zh_todo(capsys, checks.prepare_training.passed)
+    zh_builds_pass_and_todo(capsys, checks.prepare_training, b01.solution_prepare, package_prepare)
 
 
 @pytest.mark.parametrize("piece, fragments", wrong_answers(b01.test_prepare_training_names_the_mistake))

@@ -20,7 +20,7 @@ from ipa_lab.generate import sampling_loop as reference_sampling_loop
 from ipa_lab.projection import PerceiverAttention as ReferencePerceiverAttention
 from ipa_lab.trainer import train_loop as reference_train_loop
 from ipa_lab.trainer import training_step as reference_training_step
-from test_checks_04_07 import drop_decision_solution, noisy_solution
+from test_checks_04_07 import drop_bands_from_zero, drop_decision_solution, noisy_solution
 from test_checks_build_04_06 import CrashingForward, loop, perceiver, step, wrong_loop, wrong_step
 from verdicts import stub
 
@@ -73,18 +73,9 @@ def all_three(capsys, check, right, wrongs, **kw):
 
 # --- notebook 04 ---------------------------------------------------------------------------
 def test_drop_decision(capsys, zh):
-    def all_from_zero(u, p_image, p_text, p_both):
-        if u < p_image:
-            return True, False
-        if u < p_text:
-            return False, True
-        if u < p_both:
-            return True, True
-        return False, False
-
     all_three(capsys, checks.drop_decision, drop_decision_solution, [
         lambda u, i, t, b: (u < i, i <= u < i + t + b),  # 'both' forgotten
-        all_from_zero,  # overlapping bands
+        drop_bands_from_zero,  # overlapping bands
         lambda u, i, t, b: drop_decision_solution(u - 1e-12 if u in (i, i + t, i + t + b) else u, i, t, b),  # <=
         lambda u, i, t, b: (False, False) if u >= i + t else drop_decision_solution(u, i, t, b),  # 'both' band kept
         lambda u, i, t, b: drop_decision_solution(u, i, t, b) if u < i + t + b else (True, True),  # past the bands
