@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import IPAttnProcessor, _begin, _finish, _mask_for_sdpa, attend
+from .attention import AttnProcessor, IPAttnProcessor, _begin, _finish, _mask_for_sdpa, attend
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -65,13 +65,14 @@ def _loras(module: nn.Module, hidden_size: int, context_size: int, rank: int, ne
         setattr(module, f"{name}_lora", LoRALinearLayer(fan_in, hidden_size, rank, network_alpha, device, dtype))
 
 
-class LoRAAttnProcessor(nn.Module):
+class LoRAAttnProcessor(AttnProcessor):
     """Self-attention with a LoRA update on to_q, to_k, to_v and to_out (FaceID's `attn1`).
 
     Args: hidden_size (the layer's width), cross_attention_dim (None for self-attention), rank,
     network_alpha, lora_scale (the weight of the update at inference; 1 in training).
     Trainable: the four `LoRALinearLayer`s, 4 * rank * 2 * hidden_size parameters in a
-    self-attention layer.
+    self-attention layer. A subclass of `AttnProcessor` for its call signature (diffusers' keyword
+    filtering); `forward` is its own.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int | None = None, rank: int = 4,
@@ -83,10 +84,6 @@ class LoRAAttnProcessor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, rank={self.rank}, lora_scale={self.lora_scale}"
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        # An explicit signature for diffusers' keyword filtering (see attention.AttnProcessor).
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
