@@ -194,6 +194,25 @@ def test_identity_inputs_zero_the_dropped_images():
     assert torch.equal(image, torch.tensor([[8.0, 9.0], [0.0, 0.0]]))
 
 
+def test_dataset_identities_recognize_only_what_is_drawn_and_match_a_full_pass():
+    from ipa_lab.data import IPAdapterDataset
+    from ipa_lab.pipeline import REPO_ROOT
+    from ipa_lab.recognition import identity_embeds, load_recognizer, to_pixels
+    from ipa_lab.train_faceid import DatasetIdentities
+
+    recognizer = load_recognizer(REPO_ROOT / "data" / "toy-recognition")
+    dataset = IPAdapterDataset(REPO_ROOT / "data" / "shapes", "val")
+    identities = DatasetIdentities(recognizer, dataset)
+    first = identities([5, 2, 5])
+    second = identities([2, 9, 11])  # 2 is known: only 9 and 11 are new
+    third = identities(list(range(20, 40)))  # more than MIN_BATCH at once
+    assert sorted(identities.known) == [2, 5, 9, 11, *range(20, 40)]
+    with torch.no_grad():  # one pass over the first 40, as a run that knew them all would see them
+        full = identity_embeds(recognizer, to_pixels([dataset.image(i) for i in range(40)]))
+    assert torch.equal(first, full[[5, 2, 5]]) and torch.equal(second, full[[2, 9, 11]])
+    assert torch.equal(third, full[20:40])
+
+
 def test_shipped_faceid_checkpoint_is_the_original_format(tiny_pipeline):
     from ipa_lab.checkpoint import load_ip_adapter
     from ipa_lab.generate import lora_rank_of
