@@ -17,17 +17,12 @@ import numpy as np
 import torch
 
 from .checkpoint import read_checkpoint
-from .generate import DEFAULT_GUIDANCE_SCALE, prompt_batch, sample_generators
+from .generate import DEFAULT_GUIDANCE_SCALE, lora_rank_of, prompt_batch, sample_generators
 
 
 def _is_plus_checkpoint(state) -> bool:
     """A Plus checkpoint's projection is a Resampler: it has learned queries, `latents`."""
     return "latents" in state["image_proj"]
-
-
-def _has_lora(state) -> bool:
-    """A FaceID checkpoint: its processors carry LoRA weights (`{i}.to_q_lora.down.weight`)."""
-    return any(key.endswith(".to_q_lora.down.weight") for key in state["ip_adapter"])
 
 
 @contextlib.contextmanager
@@ -47,7 +42,8 @@ def diffusers_ip_adapter(pipe, checkpoint):
     from diffusers.utils import USE_PEFT_BACKEND
 
     state = read_checkpoint(checkpoint)
-    if _has_lora(state) and not USE_PEFT_BACKEND:  # diffusers would only log a warning and skip the LoRA
+    faceid = lora_rank_of(state) is not None  # its processors carry LoRA weights
+    if faceid and not USE_PEFT_BACKEND:  # diffusers would only log a warning and skip the LoRA
         raise RuntimeError("this is a FaceID checkpoint: diffusers loads its LoRA through PEFT, which is not "
                            "installed; pip install peft (the course pins peft==0.21.2: pip install -e \".[course]\")")
     saved_processors = pipe.unet.attn_processors
@@ -59,7 +55,7 @@ def diffusers_ip_adapter(pipe, checkpoint):
         pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
         yield state
     finally:
-        if _has_lora(state):
+        if faceid:
             pipe.unload_lora_weights()
         pipe.unload_ip_adapter()
         pipe.register_modules(image_encoder=saved_encoder, feature_extractor=saved_features)

@@ -28,6 +28,16 @@ NUM_TOKENS = 4
 LORA_RANK = 128
 
 
+def identity_mlp(id_embeddings_dim: int, cross_attention_dim: int, num_tokens: int) -> nn.Sequential:
+    """FaceID's `proj`, shared by MLPProjModel and ProjPlusModel: linear (id -> 2 id), GELU,
+    linear (2 id -> tokens x dim); the caller cuts the result into tokens."""
+    return nn.Sequential(
+        nn.Linear(id_embeddings_dim, id_embeddings_dim * 2),
+        nn.GELU(),
+        nn.Linear(id_embeddings_dim * 2, cross_attention_dim * num_tokens),
+    )
+
+
 class MLPProjModel(nn.Module):
     """FaceID's projection: an identity embedding -> `num_tokens` tokens.
 
@@ -40,11 +50,7 @@ class MLPProjModel(nn.Module):
     def __init__(self, cross_attention_dim: int = 768, id_embeddings_dim: int = 512, num_tokens: int = NUM_TOKENS):
         super().__init__()
         self.cross_attention_dim, self.id_embeddings_dim, self.num_tokens = cross_attention_dim, id_embeddings_dim, num_tokens
-        self.proj = nn.Sequential(
-            nn.Linear(id_embeddings_dim, id_embeddings_dim * 2),
-            nn.GELU(),
-            nn.Linear(id_embeddings_dim * 2, cross_attention_dim * num_tokens),
-        )
+        self.proj = identity_mlp(id_embeddings_dim, cross_attention_dim, num_tokens)
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
@@ -95,11 +101,7 @@ class ProjPlusModel(nn.Module):
                  num_tokens: int = NUM_TOKENS):
         super().__init__()
         self.cross_attention_dim, self.num_tokens = cross_attention_dim, num_tokens
-        self.proj = nn.Sequential(
-            nn.Linear(id_embeddings_dim, id_embeddings_dim * 2),
-            nn.GELU(),
-            nn.Linear(id_embeddings_dim * 2, cross_attention_dim * num_tokens),
-        )
+        self.proj = identity_mlp(id_embeddings_dim, cross_attention_dim, num_tokens)
         self.norm = nn.LayerNorm(cross_attention_dim)
         self.perceiver_resampler = FacePerceiverResampler(
             dim=cross_attention_dim, depth=4, dim_head=64, heads=cross_attention_dim // 64,

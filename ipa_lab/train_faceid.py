@@ -38,17 +38,15 @@ class IdentityInputs:
     CLIP features the identity embedding of each sample's image; a dropped image is a zero
     embedding, as in tutorial_train_faceid.py (and "no image" at inference).
 
-    `id_embeds`: a tensor with every record's embedding, or a callable that gives the embeddings
-    of a list of records (`DatasetIdentities`), asked only for the records a step draws."""
+    `id_embeds`: records -> their embeddings (`DatasetIdentities`), asked only for the records a
+    step draws."""
 
     def __init__(self, cache, id_embeds):
         self.cache, self.id_embeds = cache, id_embeds
 
     def __call__(self, d, device):
         latents, text, _ = self.cache(d, device)
-        indices = d.indices.cpu()
-        image = (self.id_embeds[indices] if isinstance(self.id_embeds, torch.Tensor)
-                 else self.id_embeds(indices.tolist())).to(device)
+        image = self.id_embeds(d.indices.cpu().tolist()).to(device)
         return latents, text, torch.where(d.drop_image.to(device)[:, None], torch.zeros_like(image), image)
 
 
@@ -69,14 +67,12 @@ class DatasetIdentities:
         self.recognizer, self.dataset, self.known = recognizer, dataset, {}
 
     def __call__(self, records: list[int]) -> torch.Tensor:
-        from .recognition import identity_embeds, to_pixels
+        from .recognition import identity_embeds
 
         new = [i for i in dict.fromkeys(records) if i not in self.known]
         if new:
             padded = new + [new[0]] * (self.MIN_BATCH - len(new))
-            with torch.no_grad():
-                embeds = identity_embeds(self.recognizer, to_pixels([self.dataset.image(i) for i in padded]))
-            self.known.update(zip(new, embeds))
+            self.known.update(zip(new, identity_embeds(self.recognizer, [self.dataset.image(i) for i in padded])))
         return torch.stack([self.known[i] for i in records])
 
 

@@ -190,7 +190,7 @@ def test_identity_inputs_zero_the_dropped_images():
     cache = lambda d, device: (torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 64), torch.ones(2, 32))  # noqa: E731
     ids = torch.arange(12.0).reshape(6, 2)
     d = SimpleNamespace(indices=torch.tensor([4, 1]), drop_image=torch.tensor([False, True]))
-    _, _, image = IdentityInputs(cache, ids)(d, "cpu")
+    _, _, image = IdentityInputs(cache, lambda records: ids[records])(d, "cpu")
     assert torch.equal(image, torch.tensor([[8.0, 9.0], [0.0, 0.0]]))
 
 
