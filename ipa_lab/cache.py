@@ -247,16 +247,33 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
     return folder
 
 
-def _remove_abandoned_builds(folder: Path) -> None:
-    """Delete the temporary folders of builds whose process is gone (killed mid-build)."""
+def _builders(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The temporary folders of builds of this cache: (whose process is alive, whose process is gone)."""
+    alive, gone = [], []
     for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         try:
+            if int(pid) == os.getpid():
+                raise ProcessLookupError  # ours, left by a build of this process that failed: not running
             os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            alive.append(tmp)
         except (ValueError, ProcessLookupError):
-            shutil.rmtree(tmp, ignore_errors=True)
+            gone.append(tmp)
         except PermissionError:
-            pass  # alive, another user's
+            alive.append(tmp)  # alive, another user's
+    return alive, gone
+
+
+def _wait_for_other_builders(folder: Path, ready, log=None, poll: float = 0.5) -> None:
+    """Wait while another live process builds this very cache (a second notebook or run on the
+    same machine): building it twice at once would only halve the speed of both. Returns when the
+    cache is ready, or when no builder is left alive (one that was killed leaves it to us)."""
+    told = False
+    while not ready() and _builders(folder)[0]:
+        if log and not told:
+            log(f"encoder cache: another process is building {folder}; waiting for it")
+            told = True
+        time.sleep(poll)
 
 
 def open_or_build(bb, dataset, variant: str, root: str | os.PathLike, device, accelerator=None, log=None,
@@ -265,14 +282,18 @@ def open_or_build(bb, dataset, variant: str, root: str | os.PathLike, device, ac
 
     Each (data, encoders, variant, resolution) has its own subfolder named by `cache_key`, so
     base and Plus runs can share a root. A build goes into a temporary folder that is renamed
-    into place when complete, so two runs that share a root never build into each other's files.
-    Under a distributed launch the main process builds while the others wait for the manifest
+    into place when complete, so two runs that share a root never build into each other's files,
+    and a run that finds another live process building the same cache waits for it instead of
+    building it a second time (two notebooks run side by side, as CI runs them). Under a distributed launch the main process builds while the others wait for the manifest
     (polling: a long build would outlast a collective barrier's timeout), then all open it."""
     folder = Path(root) / cache_key(bb, dataset, variant)
     ready = lambda: (folder / "manifest.json").is_file()  # noqa: E731
     if accelerator is None or accelerator.is_main_process:
         if not ready():
-            _remove_abandoned_builds(folder)
+            _wait_for_other_builders(folder, ready, log)
+        if not ready():
+            for tmp in _builders(folder)[1]:  # builds whose process was killed
+                shutil.rmtree(tmp, ignore_errors=True)
             tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             build(bb, dataset, variant, tmp, num_workers=num_workers, log=log)
             if folder.exists() and not ready():

@@ -2,6 +2,11 @@
 reused, rebuilt when a build was killed or when what it depends on changed."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -98,3 +103,39 @@ def test_two_runs_building_the_same_cache_never_mix_their_files(backbone, toy_da
     c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu")
     assert c.folder == folder and (folder / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # our build and the abandoned one are gone
+
+
+def test_a_run_waits_for_another_live_build_of_the_same_cache(backbone, toy_data, tmp_path, monkeypatch):
+    """Two notebooks side by side (CI runs two at a time) need the same cache: the second waits for
+    the first's build instead of building it again; if the first dies unfinished, it builds itself."""
+    ds = dataset_of(backbone, toy_data)
+    folder = tmp_path / cache.cache_key(backbone, ds, "base")
+    finished = cache.build(backbone, ds, "base", tmp_path / "elsewhere")  # what the other process will produce
+    built, logged = [], []
+    real_build = cache.build
+    monkeypatch.setattr(cache, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+
+    for other_finishes in (True, False):
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        building = folder.with_name(f"{folder.name}.tmp-{other.pid}")
+        building.mkdir()
+
+        def other_process_ends():
+            time.sleep(1.0)
+            if other_finishes:
+                shutil.copytree(finished, building, dirs_exist_ok=True)
+                os.rename(building, folder)
+            other.kill()
+            other.wait()
+
+        ender = threading.Thread(target=other_process_ends)
+        ender.start()
+        c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu", log=logged.append)
+        ender.join()
+        assert c.folder == folder and (folder / "manifest.json").is_file()
+        assert any("another process is building" in line for line in logged)
+        assert built == ([] if other_finishes else [1])  # waited and reused; or built it once itself
+        assert not building.exists()  # the dead builder's half-built folder is removed
+        del c
+        shutil.rmtree(folder)
+        logged.clear()

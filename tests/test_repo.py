@@ -1,6 +1,7 @@
 """The repository keeps its promises: one dependency list, and the README's commands are CI's."""
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -96,3 +97,25 @@ def test_stored_notebooks_are_quiet_and_portable():
                 assert kind != "stderr" or not text.strip(), f"{path.name} cell {i} wrote to stderr: {text[:200]}"
                 assert kind != "error", f"{path.name} cell {i} stored an error"
                 assert not leaks.search(text), f"{path.name} cell {i}: {leaks.search(text).group(0)!r} in {text[:200]!r}"
+
+
+def test_parallel_runs_keep_each_notebook_with_what_shares_its_run_folder():
+    """conftest.py's units for `pytest -n auto`: a test file is one unit; a notebook, its student copy and
+    notebook 05 (which reads notebook 04's adapter) are one, so that no two of them run at the same time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    unit = root_conftest.unit_of
+    assert unit("notebooks/04_training_loop.ipynb::Cell 20") == unit("notebooks/student/04_training_loop.ipynb::Cell 0")
+    assert unit("notebooks/05_inference.ipynb::Cell 12") == unit("notebooks/04_training_loop.ipynb::Cell 0") == "notebook 04"
+    assert unit("notebooks/06_ip_adapter_plus.ipynb::Cell 1") == unit("notebooks/student/06_ip_adapter_plus.ipynb::Cell 9")
+    assert unit("notebooks/06_ip_adapter_plus.ipynb::Cell 1") != unit("notebooks/08_ip_adapter_family.ipynb::Cell 1")
+    assert unit("tests/test_site.py::test_every_page_loads_without_console_errors") == "tests/test_site.py"
+    # every notebook that writes under runs/ names its folder after its own number, so the units above
+    # are the only sharing: check the notebooks' code for run folders of other numbers
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        code = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        for folder in re.findall(r'"runs"\s*/\s*"(\d\d)-', code):
+            assert unit(f"notebooks/{nb.name}") == unit(f"notebooks/{folder}_x.ipynb"), (nb.name, folder)
