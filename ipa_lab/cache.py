@@ -24,6 +24,7 @@ same data and by every process of a distributed run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+try:
+    import fcntl  # POSIX file locks (Linux, macOS)
+except ImportError:  # Windows
+    fcntl = None
 
 from .checkpoint import write_atomically
 from .encoders import encode_text, image_features, unconditional_image_features
@@ -247,33 +253,68 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
     return folder
 
 
-def _builders(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The temporary folders of builds of this cache: (whose process is alive, whose process is gone)."""
-    alive, gone = [], []
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Delete the temporary folders of builds that are not running (their process was killed, or
+    raised). Called with `build_lock` held: where file locks exist, a running build would hold that
+    lock, so every such folder is abandoned. Without them (Windows), a folder whose process still
+    exists is left alone."""
     for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
+        if fcntl is None and _process_exists(tmp.name.rsplit("-", 1)[-1]):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # another user's
+    return int(pid) != os.getpid()  # this process's own folder is from a build of its that failed
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, log=None):
+    """Hold the lock of this cache's build: one process on this machine builds it at a time.
+
+    Two notebooks side by side (CI runs two at a time) or two training runs may need the same cache
+    at once; the second waits here while the first builds, then finds it ready, instead of doing the
+    same work a second time. The operating system releases the lock when its holder ends, even when
+    it is killed, so a dead builder never keeps anyone waiting. Where there is no `fcntl` (Windows),
+    nothing is locked: two processes may then both build, and the rename keeps that safe."""
+    if fcntl is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f"{folder.name}.lock"), "a") as f:
         try:
-            if int(pid) == os.getpid():
-                raise ProcessLookupError  # ours, left by a build of this process that failed: not running
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-            alive.append(tmp)
-        except (ValueError, ProcessLookupError):
-            gone.append(tmp)
-        except PermissionError:
-            alive.append(tmp)  # alive, another user's
-    return alive, gone
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"encoder cache: another process is building {folder}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _wait_for_other_builders(folder: Path, ready, log=None, poll: float = 0.5) -> None:
-    """Wait while another live process builds this very cache (a second notebook or run on the
-    same machine): building it twice at once would only halve the speed of both. Returns when the
-    cache is ready, or when no builder is left alive (one that was killed leaves it to us)."""
-    told = False
-    while not ready() and _builders(folder)[0]:
-        if log and not told:
-            log(f"encoder cache: another process is building {folder}; waiting for it")
-            told = True
-        time.sleep(poll)
+def _build_into_place(bb, dataset, variant: str, folder: Path, num_workers: int, log) -> None:
+    """Build into a temporary folder of this process, then rename it into place (the commit)."""
+    _remove_abandoned_builds(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        build(bb, dataset, variant, tmp, num_workers=num_workers, log=log)
+    except BaseException:  # an error, or Ctrl-C in a notebook: leave nothing half-built behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists() and not (folder / "manifest.json").is_file():
+        shutil.rmtree(folder)  # an unfinished folder of an older layout: never trusted
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another run finished the same cache first: use theirs
+        shutil.rmtree(tmp)
 
 
 def open_or_build(bb, dataset, variant: str, root: str | os.PathLike, device, accelerator=None, log=None,
@@ -283,25 +324,17 @@ def open_or_build(bb, dataset, variant: str, root: str | os.PathLike, device, ac
     Each (data, encoders, variant, resolution) has its own subfolder named by `cache_key`, so
     base and Plus runs can share a root. A build goes into a temporary folder that is renamed
     into place when complete, so two runs that share a root never build into each other's files,
-    and a run that finds another live process building the same cache waits for it instead of
-    building it a second time (two notebooks run side by side, as CI runs them). Under a distributed launch the main process builds while the others wait for the manifest
-    (polling: a long build would outlast a collective barrier's timeout), then all open it."""
+    and a run that finds another process building the same cache waits for it (`build_lock`)
+    instead of building it a second time. Under a distributed launch the main process builds while
+    the others wait for the manifest (polling: a long build would outlast a collective barrier's
+    timeout), then all open it."""
     folder = Path(root) / cache_key(bb, dataset, variant)
     ready = lambda: (folder / "manifest.json").is_file()  # noqa: E731
     if accelerator is None or accelerator.is_main_process:
         if not ready():
-            _wait_for_other_builders(folder, ready, log)
-        if not ready():
-            for tmp in _builders(folder)[1]:  # builds whose process was killed
-                shutil.rmtree(tmp, ignore_errors=True)
-            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-            build(bb, dataset, variant, tmp, num_workers=num_workers, log=log)
-            if folder.exists() and not ready():
-                shutil.rmtree(folder)  # an unfinished folder of an older layout: never trusted
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another run finished the same cache first: use theirs
-                shutil.rmtree(tmp)
+            with build_lock(folder, log):
+                if not ready():  # still not there once the lock is ours: nobody else built it
+                    _build_into_place(bb, dataset, variant, folder, num_workers, log)
         elif log:
             log(f"encoder cache: reusing {folder}")
     else:

@@ -2,12 +2,12 @@
 reused, rebuilt when a build was killed or when what it depends on changed."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,40 +102,75 @@ def test_two_runs_building_the_same_cache_never_mix_their_files(backbone, toy_da
     monkeypatch.setattr(cache, "build", another_run_finishes_first)
     c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu")
     assert c.folder == folder and (folder / "manifest.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # our build and the abandoned one are gone
+    # our build and the abandoned one are gone; what is left is the cache and its build lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}.lock"]
 
 
-def test_a_run_waits_for_another_live_build_of_the_same_cache(backbone, toy_data, tmp_path, monkeypatch):
+# Another process that takes the build lock, then builds the cache (copies a finished one into place)
+# or dies when told to on its stdin.
+OTHER_BUILDER = """
+import os, shutil, sys
+from pathlib import Path
+from ipa_lab.cache import build_lock
+folder, finished = Path(sys.argv[1]), Path(sys.argv[2])
+with build_lock(folder):
+    print("locked", flush=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.copytree(finished, tmp)
+    sys.stdin.readline()  # wait for the word
+    os.rename(tmp, folder)
+"""
+
+
+def test_a_run_waits_for_another_process_building_the_same_cache(backbone, toy_data, tmp_path, monkeypatch):
     """Two notebooks side by side (CI runs two at a time) need the same cache: the second waits for
-    the first's build instead of building it again; if the first dies unfinished, it builds itself."""
+    the first's build instead of building it again; if the first dies unfinished, the lock is free at
+    once and the second builds it, removing the dead build's folder."""
     ds = dataset_of(backbone, toy_data)
     folder = tmp_path / cache.cache_key(backbone, ds, "base")
     finished = cache.build(backbone, ds, "base", tmp_path / "elsewhere")  # what the other process will produce
-    built, logged = [], []
+    built = []
     real_build = cache.build
     monkeypatch.setattr(cache, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
 
     for other_finishes in (True, False):
-        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        building = folder.with_name(f"{folder.name}.tmp-{other.pid}")
-        building.mkdir()
+        other = subprocess.Popen([sys.executable, "-c", OTHER_BUILDER, str(folder), str(finished)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "locked"
+        waiting = threading.Event()
 
-        def other_process_ends():
-            time.sleep(1.0)
+        def other_ends():
+            assert waiting.wait(timeout=60)  # we are blocked on the lock: now let the other one end
             if other_finishes:
-                shutil.copytree(finished, building, dirs_exist_ok=True)
-                os.rename(building, folder)
-            other.kill()
-            other.wait()
+                other.stdin.write("done\n")
+                other.stdin.flush()
+            else:
+                other.kill()
+            other.wait(timeout=60)
 
-        ender = threading.Thread(target=other_process_ends)
+        ender = threading.Thread(target=other_ends)
         ender.start()
-        c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu", log=logged.append)
-        ender.join()
+        c = cache.open_or_build(backbone, ds, "base", tmp_path, "cpu",
+                                log=lambda line: "another process is building" in line and waiting.set())
+        ender.join(timeout=60)
+        assert waiting.is_set() and not ender.is_alive()
         assert c.folder == folder and (folder / "manifest.json").is_file()
-        assert any("another process is building" in line for line in logged)
-        assert built == ([] if other_finishes else [1])  # waited and reused; or built it once itself
-        assert not building.exists()  # the dead builder's half-built folder is removed
+        assert built == ([] if other_finishes else [1])  # waited and used theirs; or built it once itself
+        assert list(tmp_path.glob("*.tmp-*")) == []  # the dead builder's half-built folder is removed
         del c
         shutil.rmtree(folder)
-        logged.clear()
+
+
+def test_a_failed_build_leaves_nothing_behind(backbone, toy_data, tmp_path, monkeypatch):
+    """A build that raises (an error, Ctrl-C in a notebook) removes its temporary folder, so the next
+    attempt, in this process or another, starts clean."""
+    ds = dataset_of(backbone, toy_data)
+
+    def interrupted(bb, dataset, variant, into, **kwargs):
+        Path(into).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.open_or_build(backbone, ds, "base", tmp_path, "cpu")
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []

@@ -113,9 +113,11 @@ def test_parallel_runs_keep_each_notebook_with_what_shares_its_run_folder():
     assert unit("notebooks/06_ip_adapter_plus.ipynb::Cell 1") == unit("notebooks/student/06_ip_adapter_plus.ipynb::Cell 9")
     assert unit("notebooks/06_ip_adapter_plus.ipynb::Cell 1") != unit("notebooks/08_ip_adapter_family.ipynb::Cell 1")
     assert unit("tests/test_site.py::test_every_page_loads_without_console_errors") == "tests/test_site.py"
-    # every notebook that writes under runs/ names its folder after its own number, so the units above
-    # are the only sharing: check the notebooks' code for run folders of other numbers
+    # the run folders the notebooks' code names (runs/NN-...): each in the unit of the notebook that uses it
+    uses = set()
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         code = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
-        for folder in re.findall(r'"runs"\s*/\s*"(\d\d)-', code):
-            assert unit(f"notebooks/{nb.name}") == unit(f"notebooks/{folder}_x.ipynb"), (nb.name, folder)
+        uses |= {(nb.name[:2], folder) for folder in re.findall(r'"runs"\s*/\s*"(\d\d)-', code)}
+    assert uses == {("04", "04"), ("05", "04"), ("08", "08"), ("09", "09")}  # a new one: give it its unit
+    for number, folder in uses:
+        assert unit(f"notebooks/{number}_x.ipynb") == unit(f"notebooks/{folder}_x.ipynb")
