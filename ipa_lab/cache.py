@@ -254,24 +254,13 @@ def build(bb, dataset, variant: str, folder: str | os.PathLike, batch_size: int 
 
 
 def _remove_abandoned_builds(folder: Path) -> None:
-    """Delete the temporary folders of builds that are not running (their process was killed, or
-    raised). Called with `build_lock` held: where file locks exist, a running build would hold that
-    lock, so every such folder is abandoned. Without them (Windows), a folder whose process still
-    exists is left alone."""
+    """Delete the temporary folders of builds that are not running (killed, or raised). Called with
+    `build_lock` held, so a running build, which would hold that lock, cannot be among them. Without
+    file locks (Windows) nothing tells a running build from a dead one, so nothing is deleted there."""
+    if fcntl is None:
+        return
     for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
-        if fcntl is None and _process_exists(tmp.name.rsplit("-", 1)[-1]):
-            continue
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_exists(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass  # another user's
-    return int(pid) != os.getpid()  # this process's own folder is from a build of its that failed
 
 
 @contextlib.contextmanager
